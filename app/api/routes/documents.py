@@ -1,0 +1,140 @@
+"""Documents: upload (file or JSON) -> 202 with a job; read, delete; jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from app.api.deps import Resources, ResourcesDep, SessionDep
+from app.api.schemas import DocumentIn, DocumentOut, IngestAccepted, JobOut
+from app.db.session import session_scope
+from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
+from app.ingest import store
+from app.ingest.load import LoadedDocument, load_json, load_upload
+
+router = APIRouter(prefix="/v1", tags=["documents"])
+log = logging.getLogger(__name__)
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": "txt, md, html, pdf, or jsonl ({_id, title, text} per line)"},
+                        "collection": {"type": "string", "default": "default"},
+                        "metadata": {"type": "string", "description": "a JSON object added to every document"},
+                    },
+                }
+            },
+            "application/json": {"schema": DocumentIn.model_json_schema()},
+        },
+    }
+}
+
+
+def _json_object(raw: str | None, what: str) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{what} is malformed JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{what} must be a JSON object")
+    return value
+
+
+async def _read_request(request: Request, limit: int) -> tuple[str, list[LoadedDocument]]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 1024 * 1024:
+        raise TooLarge(f"the request is larger than the {limit}-byte upload limit")
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise BadInput("send the document as a multipart field named 'file'")
+        collection = str(form.get("collection") or "default")
+        extra = _json_object(str(form.get("metadata") or ""), "the metadata field")
+        data = await upload.read(limit + 1)
+        docs = await run_in_threadpool(load_upload, upload.filename, upload.content_type, data, limit)
+        for doc in docs:
+            doc.metadata = {**doc.metadata, **extra}
+        return collection, docs
+    if ctype in ("application/json", ""):
+        raw = await request.body()
+        if len(raw) > limit:
+            raise TooLarge(f"the request is larger than the {limit}-byte upload limit")
+        try:
+            body = DocumentIn.model_validate_json(raw)
+        except ValidationError as exc:
+            malformed = any(e["type"] == "json_invalid" for e in exc.errors())
+            raise BadInput("the request body is malformed JSON" if malformed else "invalid document",
+                           detail=json.loads(exc.json(include_url=False, include_input=False))) from None
+        return body.collection, [load_json(body.text, body.title, body.metadata, body.external_id)]
+    raise UnsupportedMedia("send multipart/form-data with a 'file' field, or a JSON document")
+
+
+def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -> IngestAccepted:
+    """Store the documents and the job in one transaction, then enqueue after the commit."""
+    with session_scope(resources.factory) as session:
+        cid = store.collection_id(session, collection, create=True)
+        job_id = store.create_job(session, "ingest", cid, {"documents": len(docs)})
+        result = store.upsert_documents(session, cid, docs, job_id)
+    batch = resources.settings.ingest_batch_documents
+    try:
+        for i in range(0, len(result.queued), batch):
+            ids = [str(d) for d in result.queued[i : i + batch]]
+            resources.celery.send_task("ingest.process_documents", args=[str(job_id), ids])
+    except Exception as exc:
+        log.exception("could not enqueue job %s", job_id)
+        raise Unavailable(
+            f"the documents are stored (job {job_id}) but the task queue is unreachable ({exc}); "
+            "send the same request again once it is back",
+            retry_after=10,
+        ) from None
+    return IngestAccepted(job_id=job_id, collection=collection, documents=len(docs),
+                          queued=len(result.queued), unchanged=result.unchanged,
+                          status_url=f"/v1/jobs/{job_id}")
+
+
+@router.post("/documents", status_code=202, response_model=IngestAccepted, openapi_extra=UPLOAD_BODY,
+             summary="Add or replace documents (file upload or JSON)")
+async def create_documents(request: Request, resources: ResourcesDep) -> IngestAccepted:
+    """Validate and store the documents, answer at once; a worker chunks and embeds them."""
+    collection, docs = await _read_request(request, resources.settings.max_upload_bytes)
+    store.check_collection_name(collection)
+    return await run_in_threadpool(_accept, resources, collection, docs)
+
+
+@router.get("/documents/{document_id}", response_model=DocumentOut, summary="A document and its status")
+def read_document(document_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
+    return store.get_document(session, document_id)
+
+
+@router.delete("/documents/{document_id}", status_code=204, summary="Delete a document, its chunks and vectors")
+def delete_document(document_id: uuid.UUID, session: SessionDep) -> Response:
+    store.delete_document(session, document_id)
+    return Response(status_code=204)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state, counts and errors")
+def read_job(job_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
+    return store.job_progress(session, job_id)
+
+
+@router.get("/status", summary="Collections, documents, chunks, jobs and embedding models")
+def read_status(session: SessionDep) -> dict[str, Any]:
+    return store.status_summary(session)

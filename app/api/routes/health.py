@@ -1,0 +1,44 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
+
+from app.api.deps import Resources, ResourcesDep
+from app.errors import Unavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _check(resources: Resources) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    try:
+        with resources.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    try:
+        with resources.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unreachable: {type(exc).__name__}"
+    return checks
+
+
+@router.get("/readyz", summary="The database and the broker answer")
+async def readyz(resources: ResourcesDep) -> dict[str, Any]:
+    checks = await run_in_threadpool(_check, resources)
+    if any(v != "ok" for v in checks.values()):
+        raise Unavailable("not ready", detail=checks)
+    return {"status": "ready", **checks}

@@ -1,0 +1,101 @@
+"""One Settings class, read from PGSAGE_* environment variables and an optional .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    """Every configurable knob of pgsage; each key is documented in .env.example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGSAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # External services. Unset means the embedded default (pgserver + a file-system broker).
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("PGSAGE_DATABASE_URL", "DATABASE_URL")
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("PGSAGE_REDIS_URL", "REDIS_URL")
+    )
+    data_dir: Path = Path(".pgsage")
+
+    # Embedding model and chunking: together they make the model fingerprint.
+    embedding_model: str = DEFAULT_MODEL
+    embedding_revision: str | None = None
+    embedding_pooling: Literal["mean", "cls", "max"] | None = None
+    embedding_normalize: bool = True
+    embedding_dimension: int | None = Field(default=None, ge=8, le=4096)
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    embedding_device: str = "cpu"
+    chunk_max_tokens: int = Field(default=256, ge=16, le=8192)
+    chunk_overlap_tokens: int = Field(default=32, ge=0)
+
+    # Ingestion.
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    ingest_batch_documents: int = Field(default=64, ge=1, le=10_000)
+    default_collection: str = "default"
+
+    # Retrieval and answers.
+    hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
+    hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)
+    search_max_k: int = Field(default=100, ge=1, le=1000)
+    max_query_chars: int = Field(default=2000, ge=16)
+    answer_min_score: float = Field(default=0.30, ge=-1.0, le=1.0)
+    answer_max_sentences: int = Field(default=3, ge=1, le=20)
+
+    # Optional OpenAI-compatible LLM for generated answers.
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr = SecretStr("not-needed")
+    llm_model: str | None = None
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_tokens: int = Field(default=400, ge=16)
+
+    # Worker and API.
+    worker_concurrency: int = Field(default=1, ge=1, le=64)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlalchemy_driver(cls, v: str | None) -> str | None:
+        """Accept plain postgres:// URLs and pin the psycopg 3 driver."""
+        if not v:
+            return None
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        if not v.startswith("postgresql+psycopg://"):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL (psycopg 3 driver)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.chunk_overlap_tokens >= self.chunk_max_tokens // 2:
+            raise ValueError("PGSAGE_CHUNK_OVERLAP_TOKENS must be under half of PGSAGE_CHUNK_MAX_TOKENS")
+        if bool(self.llm_base_url) != bool(self.llm_model):
+            raise ValueError("set both PGSAGE_LLM_BASE_URL and PGSAGE_LLM_MODEL, or neither")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        """Redis when configured, else Kombu's file-system transport under the data directory."""
+        return self.redis_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir.resolve() / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

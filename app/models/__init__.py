@@ -1,0 +1,17 @@
+"""Typed SQLAlchemy models; importing this module registers every table on Base.metadata."""
+
+from app.models.collection import Collection
+from app.models.document import Chunk, Document
+from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel
+from app.models.job import Job, JobDocument
+
+__all__ = [
+    "Chunk",
+    "ChunkVector",
+    "Collection",
+    "Document",
+    "DocumentVector",
+    "EmbeddingModel",
+    "Job",
+    "JobDocument",
+]

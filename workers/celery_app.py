@@ -1,0 +1,38 @@
+"""Celery configured from app.config: Redis when REDIS_URL is set, else a file-system broker."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("pgsage", broker=settings.broker_url, include=["workers.tasks.ingest"])
+    conf: dict[str, object] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": "pgsage",
+        "worker_hijack_root_logger": False,
+    }
+    if settings.redis_url is None:
+        queue = settings.broker_dir
+        (queue / "in").mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(queue / "in"),
+            "data_folder_out": str(queue / "in"),
+            "store_processed": False,
+        }
+    else:
+        # Unacked tasks come back after this long if a worker dies holding them.
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    app.conf.update(conf)
+    return app
+
+
+celery_app = make_celery(get_settings())
