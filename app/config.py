@@ -61,6 +61,7 @@ class Settings(BaseSettings):
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
 

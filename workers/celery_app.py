@@ -17,7 +17,7 @@ def make_celery(settings: Settings) -> Celery:
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
-        "task_default_queue": "pgsage",
+        "task_default_queue": settings.queue_name,
         "worker_hijack_root_logger": False,
     }
     if settings.redis_url is None:
