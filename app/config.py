@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     ingest_batch_documents: int = Field(default=64, ge=1, le=10_000)
     default_collection: str = "default"
+    ingest_stall_minutes: int = Field(default=15, ge=1)
 
     # Retrieval and answers.
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)

@@ -19,6 +19,10 @@ def make_celery(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
         "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            # Documents whose task was lost (a broker restart, a failed enqueue) are sent again.
+            "requeue-stalled-documents": {"task": "ingest.requeue_stalled", "schedule": 300.0},
+        },
     }
     if settings.redis_url is None:
         queue = settings.broker_dir

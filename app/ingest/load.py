@@ -36,7 +36,7 @@ class LoadedDocument:
     @property
     def content(self) -> str:
         """What is chunked and embedded: the title leads, since it carries much of the meaning."""
-        if self.title and not self.text.lstrip().startswith(self.title):
+        if self.title and self.title.lower() not in self.text[: len(self.title) + 200].lower():
             return f"{self.title}\n\n{self.text}"
         return self.text
 

@@ -127,6 +127,21 @@ def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[Pendin
     return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash) for r in rows]
 
 
+def claim_stalled(session: Session, older_than_minutes: int, limit: int) -> list[uuid.UUID]:
+    """Queued documents untouched for a while (their task was lost); touched so they are claimed once."""
+    rows = session.execute(
+        text("""
+        UPDATE documents SET updated_at = now()
+         WHERE id IN (SELECT id FROM documents
+                       WHERE status = 'queued' AND updated_at < now() - make_interval(mins => :m)
+                       ORDER BY updated_at LIMIT :n FOR UPDATE SKIP LOCKED)
+        RETURNING id
+        """),
+        {"m": older_than_minutes, "n": limit},
+    ).scalars().all()
+    return list(rows)
+
+
 def settle_job_items(session: Session, job_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> None:
     """Copy each document's final state onto this job's items (for redelivered or superseded work)."""
     session.execute(

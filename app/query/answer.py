@@ -20,6 +20,7 @@ SYSTEM_PROMPT = (
     "the sources it relies on by their numbers in square brackets, like [1] or [2][3]. If the sources "
     "do not contain the answer, say that you don't know. Be brief."
 )
+RELATIVE_MARGIN = 0.15
 _CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
 
 
@@ -36,6 +37,11 @@ def _citation(n: int, hit: Hit, quote: str | None = None) -> dict[str, Any]:
             "text": hit.text, "quote": quote}
 
 
+def _is_heading(sentence: str) -> bool:
+    """Markdown headings and title lines: short and without closing punctuation."""
+    return sentence.startswith("#") or (len(sentence.split()) < 12 and sentence[-1] not in ".!?:;)\"'")
+
+
 class ExtractiveAnswerer:
     """Picks the retrieved sentences closest to the question and cites the chunk of each."""
 
@@ -50,15 +56,17 @@ class ExtractiveAnswerer:
             for start, end, _ in sentence_spans(hit.text):
                 sentence = hit.text[start:end].strip()
                 key = " ".join(sentence.lower().split())
-                if len(sentence.split()) < 4 or key in seen:
-                    continue  # fragments, and the same sentence seen in an overlapping chunk
+                if _is_heading(sentence) or len(sentence.split()) < 4 or key in seen:
+                    continue  # headings, fragments, and sentences seen in an overlapping chunk
                 seen.add(key)
                 candidates.append((rank, start, sentence))
         if not candidates:
             return Answer(NO_ANSWER, [], "extractive")
         sims = self.embedder.encode([c[2] for c in candidates]) @ question_vec
         order = np.argsort(-sims)
-        chosen = [i for i in order[: self.max_sentences] if sims[i] >= min_score] or [int(order[0])]
+        # Keep sentences about as relevant as the best one; a weak runner-up only adds noise.
+        floor = max(min_score, float(sims[order[0]]) - RELATIVE_MARGIN)
+        chosen = [int(i) for i in order[: self.max_sentences] if sims[i] >= floor] or [int(order[0])]
         chosen.sort(key=lambda i: (candidates[i][0], candidates[i][1]))
         numbers: dict[int, int] = {}
         citations: list[dict[str, Any]] = []

@@ -22,7 +22,27 @@ def _warm(**_: object) -> None:
 
 @celery_app.task(name="ingest.process_documents", bind=True, autoretry_for=(OperationalError,),
                  retry_backoff=True, retry_backoff_max=60, max_retries=8)
-def process_documents(self: object, job_id: str, document_ids: list[str]) -> dict[str, int]:
+def process_documents(self: object, job_id: str | None, document_ids: list[str]) -> dict[str, int]:
     """Chunk, embed and store these documents; safe to run twice."""
-    outcome = ingest_pipeline().process(uuid.UUID(job_id), [uuid.UUID(d) for d in document_ids])
+    job = uuid.UUID(job_id) if job_id else None
+    outcome = ingest_pipeline().process(job, [uuid.UUID(d) for d in document_ids])
     return {"indexed": outcome.indexed, "failed": outcome.failed, "skipped": outcome.skipped}
+
+
+@celery_app.task(name="ingest.requeue_stalled")
+def requeue_stalled() -> int:
+    """Send again the documents still queued long after their upload; processing is idempotent."""
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.ingest import store
+
+    settings = get_settings()
+    pipeline = ingest_pipeline()
+    with session_scope(pipeline.factory) as session:
+        ids = store.claim_stalled(session, settings.ingest_stall_minutes, 10_000)
+    batch = settings.ingest_batch_documents
+    for i in range(0, len(ids), batch):
+        process_documents.delay(None, [str(d) for d in ids[i : i + batch]])
+    if ids:
+        log.warning("re-queued %d stalled documents", len(ids))
+    return len(ids)

@@ -1,0 +1,411 @@
+"""The `pgsage` command: run the service (up, api, worker, beat, migrate) and talk to it (ingest, search, ask, status)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from app.config import get_settings
+
+app = typer.Typer(help="pgsage: question answering over your own documents on Postgres + pgvector.",
+                  no_args_is_help=True, add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = Path(__file__).resolve().parent / "samples"
+SUPPORTED = {".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl", ".ndjson"}
+DEMO_QUESTION = "What happens when the embedding model changes?"
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="PGSAGE_URL", help="Where the pgsage API runs.")]
+CollectionOpt = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+# ---------------------------------------------------------------- running the service
+
+
+def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _alembic_upgrade(url: str | None = None) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (creates the vector extension on first run)."""
+    _alembic_upgrade()
+    typer.echo("database is at the latest migration")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", proxy_headers=True)
+
+
+def _celery_argv(kind: str, extra: list[str], *, quiet: bool = False) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []),
+            kind, *extra]
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default PGSAGE_WORKER_CONCURRENCY).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker that chunks and embeds documents."""
+    n = concurrency or get_settings().worker_concurrency
+    os.execve(sys.executable, _celery_argv("worker", ["--concurrency", str(n), "--loglevel", loglevel,
+                                                      "--without-gossip"]), _python_env())
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Run the Celery beat scheduler (periodic maintenance such as re-queueing stalled documents)."""
+    schedule = get_settings().data_dir.resolve() / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    os.execve(sys.executable, _celery_argv("beat", ["--loglevel", loglevel, "--schedule", str(schedule)]),
+              _python_env())
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise typer.Exit(_fail(f"a pgsage process exited early (code {p.returncode}); see the log above"))
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise typer.Exit(_fail(f"the API did not become ready in {timeout:.0f}s"))
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    host: Annotated[str, typer.Option(help="API interface.")] = "127.0.0.1",
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded database and queue live.")] = None,
+    demo: Annotated[bool, typer.Option(help="Ingest the bundled docs and ask a question.")] = True,
+    exit_after_demo: Annotated[bool, typer.Option(help="Stop everything after the demo (for scripts).")] = False,
+) -> None:
+    """Start everything on this machine: Postgres+pgvector (embedded unless DATABASE_URL), migrations,
+    a Celery worker and the API; then show it answering."""
+    env: dict[str, str] = {}
+    if data_dir is not None:
+        env["PGSAGE_DATA_DIR"] = str(data_dir.resolve())
+        os.environ["PGSAGE_DATA_DIR"] = env["PGSAGE_DATA_DIR"]
+        get_settings.cache_clear()
+    settings = get_settings()
+    embedded = settings.database_url is None
+    if embedded:
+        from app.embedded import embedded_database_url
+
+        typer.echo(f"database: embedded PostgreSQL + pgvector under {settings.data_dir.resolve() / 'pg'}")
+        env["PGSAGE_DATABASE_URL"] = embedded_database_url(settings.data_dir)
+    else:
+        typer.echo("database: DATABASE_URL")
+    if settings.redis_url:
+        typer.echo(f"broker:   Redis at {settings.redis_url}")
+    else:
+        typer.echo(f"broker:   file-system queue under {settings.broker_dir} (set REDIS_URL to use Redis)")
+    _alembic_upgrade(env.get("PGSAGE_DATABASE_URL"))
+    typer.echo("migrations applied")
+
+    child_env = _python_env(env)
+    procs = [
+        subprocess.Popen(_celery_argv("worker", ["--concurrency", str(settings.worker_concurrency),
+                                                 "--loglevel", "WARNING", "--without-gossip"],
+                                    quiet=True), env=child_env),
+        subprocess.Popen(_celery_argv("beat", ["--loglevel", "WARNING", "--schedule",
+                                               str(settings.data_dir.resolve() / "celerybeat-schedule")],
+                                      quiet=True), env=child_env),
+        subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
+                          "--port", str(port), "--log-level", "warning"], env=child_env),
+    ]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if embedded:
+            from app.embedded import stop_embedded_database
+
+            stop_embedded_database(settings.data_dir)
+        typer.echo("pgsage stopped")
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        typer.echo("starting the worker and the API (loading the embedding model)...")
+        _wait_ready(url, procs)
+        typer.echo(f"pgsage is up at {url}  (API docs: {url}/docs)")
+        if demo:
+            _demo(url)
+        if exit_after_demo:
+            return
+        typer.echo("press Ctrl-C to stop")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        raise typer.Exit(_fail("a pgsage process exited; stopping"))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+def _demo(url: str) -> None:
+    files = sorted(SAMPLES.glob("*.md"))
+    typer.echo(f"\ningesting {len(files)} bundled documents into collection 'docs'...")
+    with _client(url) as client:
+        failures = _ingest_files(client, files, "docs", {}, wait=True)
+        if failures:
+            raise typer.Exit(1)
+        typer.echo(f"\n$ pgsage ask --collection docs {json.dumps(DEMO_QUESTION)}")
+        _print_answer(_call(client, "POST", "/v1/ask", json={"question": DEMO_QUESTION, "collection": "docs"}))
+
+
+# ---------------------------------------------------------------- talking to the service
+
+
+def _fail(message: str) -> int:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return 1
+
+
+def _client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0))
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.ConnectError:
+        raise typer.Exit(_fail(f"pgsage is not answering at {client.base_url}: start it with `pgsage up`, "
+                               "or point --url / PGSAGE_URL at it")) from None
+    except httpx.HTTPError as exc:
+        raise typer.Exit(_fail(f"request to {client.base_url}{path} failed: {exc}")) from None
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+            detail = body.get("detail")
+            message = detail.get("message") if isinstance(detail, dict) else detail
+            message = message if isinstance(message, str) else json.dumps(detail)
+        except ValueError:
+            message = response.text[:500]
+        raise typer.Exit(_fail(f"{response.status_code}: {message}"))
+    return response.json() if response.content else None
+
+
+def _expand(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+        elif path.is_file():
+            yield path
+        else:
+            raise typer.Exit(_fail(f"{path} does not exist"))
+
+
+def _ingest_files(client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any],
+                  *, wait: bool) -> int:
+    from tqdm import tqdm
+
+    jobs: list[str] = []
+    rejected: list[tuple[Path, str]] = []
+    for path in tqdm(files, desc="uploading", unit="file", disable=len(files) < 2):
+        with path.open("rb") as f:
+            data = {"collection": collection}
+            if metadata:
+                data["metadata"] = json.dumps(metadata)
+            try:
+                body = _call(client, "POST", "/v1/documents", files={"file": (path.name, f)}, data=data)
+            except typer.Exit:
+                rejected.append((path, "rejected (see the error above)"))
+                continue
+        jobs.append(body["job_id"])
+    if not wait or not jobs:
+        for job in jobs:
+            typer.echo(f"job {job}")
+        return len(rejected)
+
+    states: dict[str, dict[str, Any]] = {}
+    with tqdm(total=0, desc="indexing", unit="doc") as bar:
+        while True:
+            for job in jobs:
+                if job not in states or states[job]["state"] in ("queued", "running"):
+                    states[job] = _call(client, "GET", f"/v1/jobs/{job}")
+            total = sum(s["total"] for s in states.values())
+            finished = sum(s["done"] + s["failed"] for s in states.values())
+            bar.total = total
+            bar.n = finished
+            bar.refresh()
+            if all(s["state"] not in ("queued", "running") for s in states.values()):
+                break
+            time.sleep(1)
+    indexed = sum(s["indexed"] for s in states.values())
+    unchanged = sum(s["unchanged"] for s in states.values())
+    failed = [e for s in states.values() for e in s["errors"]]
+    typer.echo(f"{len(files)} files: {indexed} documents indexed, {unchanged} unchanged, "
+               f"{len(failed)} failed, {len(rejected)} files rejected")
+    for err in failed[:50]:
+        typer.echo(f"  failed {err['external_id']}: {err['error']}")
+    for path, why in rejected:
+        typer.echo(f"  rejected {path}: {why}")
+    return len(failed) + len(rejected)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (txt, md, html, pdf, jsonl).")],
+    collection: CollectionOpt = "default",
+    metadata: Annotated[str | None, typer.Option(help="JSON object added to every document's metadata.")] = None,
+    wait: Annotated[bool, typer.Option(help="Show progress until the jobs finish.")] = True,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Upload documents; the worker chunks and embeds them. Unchanged documents are skipped."""
+    extra: dict[str, Any] = {}
+    if metadata:
+        try:
+            extra = json.loads(metadata)
+        except json.JSONDecodeError as exc:
+            raise typer.Exit(_fail(f"--metadata is not JSON: {exc.msg}")) from None
+        if not isinstance(extra, dict):
+            raise typer.Exit(_fail("--metadata must be a JSON object"))
+    files = list(_expand(paths))
+    if not files:
+        raise typer.Exit(_fail("no supported files found"))
+    with _client(url) as client:
+        failures = _ingest_files(client, files, collection, extra, wait=wait)
+    raise typer.Exit(1 if failures else 0)
+
+
+def _parse_filters(items: list[str]) -> dict[str, Any] | None:
+    filters: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.Exit(_fail(f"--filter takes key=value, got {item!r}"))
+        try:
+            filters[key] = json.loads(value)
+        except json.JSONDecodeError:
+            filters[key] = value
+    return filters or None
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to search for.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="How many chunks.")] = 5,
+    collection: CollectionOpt = "default",
+    filter_: Annotated[list[str] | None, typer.Option("--filter", help="Metadata filter key=value (repeatable).")] = None,
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Show the chunks that best match a query."""
+    body = {"query": query, "k": k, "collection": collection, "filters": _parse_filters(filter_ or [])}
+    with _client(url) as client:
+        result = _call(client, "POST", "/v1/search", json=body)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    if not result["results"]:
+        typer.echo("no results")
+    for i, hit in enumerate(result["results"], start=1):
+        snippet = " ".join(hit["text"].split())[:240]
+        typer.secho(f"{i}. {hit['score']:.3f}  {hit['title'] or hit['external_id']}  ({hit['external_id']})", bold=True)
+        typer.echo(f"   {snippet}")
+
+
+def _print_answer(result: dict[str, Any]) -> None:
+    typer.echo(f"\n{result['answer']}\n")
+    for c in result["citations"]:
+        typer.echo(f"  [{c['n']}] {c['title'] or c['external_id']}  ({c['external_id']}, chunk {c['chunk_id']}, "
+                   f"score {c['score']:.3f})")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="Your question.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="How many chunks to read.")] = 5,
+    collection: CollectionOpt = "default",
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Answer a question from the documents, citing the chunks used."""
+    with _client(url) as client:
+        result = _call(client, "POST", "/v1/ask", json={"question": question, "k": k, "collection": collection})
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_answer(result)
+
+
+@app.command()
+def status(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL) -> None:
+    """Collections, documents, chunks, jobs and the active embedding model."""
+    with _client(url) as client:
+        result = _call(client, "GET", "/v1/status")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    typer.echo(f"documents: {result['documents']}   chunks: {result['chunks']}   "
+               f"jobs: {result['jobs']['total']} ({result['jobs']['running']} running)")
+    model = result["active_model"]
+    if model:
+        typer.echo(f"active model: {model['name']} (revision {model['revision']}, {model['dimension']} dims, "
+                   f"{model['pooling']} pooling{', normalised' if model['normalize'] else ''}; "
+                   f"{model['vectors']} chunk vectors)")
+    else:
+        typer.echo("active model: none yet")
+    for c in result["collections"]:
+        typer.echo(f"  {c['name']}: {c['documents']} documents ({c['indexed']} indexed, {c['queued']} queued, "
+                   f"{c['failed']} failed), {c['chunks']} chunks")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The CLI against the embedded default: `pgsage up` (pgserver + file-system broker), then the client commands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+CORPUS = Path(__file__).parent / "data" / "corpus"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PGSAGE_") and k not in ("DATABASE_URL", "REDIS_URL")}
+    return {**env, "PGSAGE_DATA_DIR": str(tmp), "HF_HUB_OFFLINE": "1"}
+
+
+def _pgsage(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parents[1])
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], str]]:
+    """`pgsage up` on the embedded default, with its demo, left running for the client commands."""
+    tmp = tmp_path_factory.mktemp("up")
+    port = _free_port()
+    env = _env(tmp)
+    log = tmp / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while "press Ctrl-C to stop" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(1)
+        yield url, {**env, "PGSAGE_URL": url}, log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "pgsage stopped" in log.read_text()
+
+
+def test_up_starts_the_embedded_default_and_answers_with_citations(running: tuple[str, dict[str, str], str]) -> None:
+    url, _, output = running
+    assert "database: embedded PostgreSQL + pgvector" in output
+    assert "broker:   file-system queue" in output
+    assert "4 documents indexed, 0 unchanged, 0 failed" in output
+    assert "[1] " in output.split("$ pgsage ask", 1)[1]  # the answer cites a chunk
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["database"] == "ok"
+    assert ready["broker"] == "ok"
+
+
+def test_client_commands(running: tuple[str, dict[str, str], str]) -> None:
+    _, env, _ = running
+    r = _pgsage("ingest", str(CORPUS), "--collection", "cli", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "6 files: 6 documents indexed, 0 unchanged, 0 failed" in r.stdout
+
+    again = _pgsage("ingest", str(CORPUS), "--collection", "cli", env=env)
+    assert again.returncode == 0
+    assert "0 documents indexed, 6 unchanged" in again.stdout
+
+    found = _pgsage("search", "espresso grind size", "--collection", "cli", "-k", "2", env=env)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[0].endswith("(coffee.txt)")
+
+    answer = _pgsage("ask", "What does a starter contain?", "--collection", "cli", env=env)
+    assert answer.returncode == 0
+    assert "sourdough.md" in answer.stdout
+
+    status = _pgsage("status", env=env)
+    assert status.returncode == 0
+    assert "active model: all-MiniLM-L6-v2" in status.stdout
+    assert "cli: 6 documents (6 indexed, 0 queued, 0 failed)" in status.stdout
+
+
+def test_client_errors_are_clear(running: tuple[str, dict[str, str], str], tmp_path: Path) -> None:
+    _, env, _ = running
+    missing = _pgsage("search", "anything", "--collection", "no-such-collection", env=env)
+    assert missing.returncode == 1
+    assert "404: collection 'no-such-collection' does not exist" in missing.stderr
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rejected = _pgsage("ingest", str(empty), env=env)
+    assert rejected.returncode == 1
+    assert "empty.txt is empty" in rejected.stderr
+
+    down = _pgsage("status", env={**env, "PGSAGE_URL": f"http://127.0.0.1:{_free_port()}"})
+    assert down.returncode == 1
+    assert "pgsage is not answering" in down.stderr
+
+
+def test_every_command_has_help() -> None:
+    import typer.main
+
+    from app.cli import app
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"up", "ingest", "search", "ask", "status", "migrate", "worker", "api"} <= set(names)
+    for name in names:
+        r = subprocess.run([sys.executable, "-m", "app.cli", name, "--help"], capture_output=True, text=True,
+                           timeout=60, cwd=Path(__file__).parents[1])
+        assert r.returncode == 0, (name, r.stderr)
+        assert "Usage" in r.stdout
