@@ -1,4 +1,4 @@
-"""The `pgsage` command: run the service (up, api, worker, beat, migrate) and talk to it (ingest, search, ask, status)."""
+"""The `pgsage` command: run the service (up, api, worker, beat, migrate) and use it (ingest, search, ask, status)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ import typer
 
 from app.config import get_settings
 
-app = typer.Typer(help="pgsage: question answering over your own documents on Postgres + pgvector.",
-                  no_args_is_help=True, add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    help="pgsage: question answering over your own documents on Postgres + pgvector.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -35,15 +39,20 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+        **(extra or {}),
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
 def _alembic_upgrade(url: str | None = None) -> None:
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     cfg = Config(str(ROOT / "alembic.ini"))
     if url:
@@ -60,31 +69,39 @@ def migrate() -> None:
 
 @app.command()
 def api(
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default PGSAGE_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default PGSAGE_API_PORT).")] = None,
     workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the HTTP API (uvicorn)."""
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info", proxy_headers=True)
+    settings = get_settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info", proxy_headers=True
+    )
 
 
 def _celery_argv(kind: str, extra: list[str], *, quiet: bool = False) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []),
-            kind, *extra]
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []), kind, *extra]
 
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default PGSAGE_WORKER_CONCURRENCY).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Worker processes (default PGSAGE_WORKER_CONCURRENCY).")
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker that chunks and embeds documents."""
     n = concurrency or get_settings().worker_concurrency
-    os.execve(sys.executable, _celery_argv("worker", ["--concurrency", str(n), "--loglevel", loglevel,
-                                                      "--without-gossip"]), _python_env())
+    os.execve(
+        sys.executable,
+        _celery_argv("worker", ["--concurrency", str(n), "--loglevel", loglevel, "--without-gossip"]),
+        _python_env(),
+    )
 
 
 @app.command()
@@ -92,8 +109,9 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     """Run the Celery beat scheduler (periodic maintenance such as re-queueing stalled documents)."""
     schedule = get_settings().data_dir.resolve() / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    os.execve(sys.executable, _celery_argv("beat", ["--loglevel", loglevel, "--schedule", str(schedule)]),
-              _python_env())
+    os.execve(
+        sys.executable, _celery_argv("beat", ["--loglevel", loglevel, "--schedule", str(schedule)]), _python_env()
+    )
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> None:
@@ -113,8 +131,8 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
 
 @app.command()
 def up(
-    port: Annotated[int, typer.Option(help="API port.")] = 8000,
-    host: Annotated[str, typer.Option(help="API interface.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="API port (default PGSAGE_API_PORT).")] = None,
+    host: Annotated[str | None, typer.Option(help="API interface (default PGSAGE_API_HOST).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the embedded database and queue live.")] = None,
     demo: Annotated[bool, typer.Option(help="Ingest the bundled docs and ask a question.")] = True,
     exit_after_demo: Annotated[bool, typer.Option(help="Stop everything after the demo (for scripts).")] = False,
@@ -127,6 +145,8 @@ def up(
         os.environ["PGSAGE_DATA_DIR"] = env["PGSAGE_DATA_DIR"]
         get_settings.cache_clear()
     settings = get_settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
     embedded = settings.database_url is None
     if embedded:
         from app.embedded import embedded_database_url
@@ -144,14 +164,38 @@ def up(
 
     child_env = _python_env(env)
     procs = [
-        subprocess.Popen(_celery_argv("worker", ["--concurrency", str(settings.worker_concurrency),
-                                                 "--loglevel", "WARNING", "--without-gossip"],
-                                    quiet=True), env=child_env),
-        subprocess.Popen(_celery_argv("beat", ["--loglevel", "WARNING", "--schedule",
-                                               str(settings.data_dir.resolve() / "celerybeat-schedule")],
-                                      quiet=True), env=child_env),
-        subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
-                          "--port", str(port), "--log-level", "warning"], env=child_env),
+        subprocess.Popen(
+            _celery_argv(
+                "worker",
+                ["--concurrency", str(settings.worker_concurrency), "--loglevel", "WARNING", "--without-gossip"],
+                quiet=True,
+            ),
+            env=child_env,
+        ),
+        subprocess.Popen(
+            _celery_argv(
+                "beat",
+                ["--loglevel", "WARNING", "--schedule", str(settings.data_dir.resolve() / "celerybeat-schedule")],
+                quiet=True,
+            ),
+            env=child_env,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:create_app",
+                "--factory",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=child_env,
+        ),
     ]
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     stopping = False
@@ -175,7 +219,11 @@ def up(
             stop_embedded_database(settings.data_dir)
         typer.echo("pgsage stopped")
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    def on_term(*_: object) -> None:
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         typer.echo("starting the worker and the API (loading the embedding model)...")
         _wait_ready(url, procs)
@@ -221,8 +269,12 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.ConnectError:
-        raise typer.Exit(_fail(f"pgsage is not answering at {client.base_url}: start it with `pgsage up`, "
-                               "or point --url / PGSAGE_URL at it")) from None
+        raise typer.Exit(
+            _fail(
+                f"pgsage is not answering at {client.base_url}: start it with `pgsage up`, "
+                "or point --url / PGSAGE_URL at it"
+            )
+        ) from None
     except httpx.HTTPError as exc:
         raise typer.Exit(_fail(f"request to {client.base_url}{path} failed: {exc}")) from None
     if response.status_code >= 400:
@@ -247,8 +299,9 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
             raise typer.Exit(_fail(f"{path} does not exist"))
 
 
-def _ingest_files(client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any],
-                  *, wait: bool) -> int:
+def _ingest_files(
+    client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any], *, wait: bool
+) -> int:
     from tqdm import tqdm
 
     jobs: list[str] = []
@@ -286,8 +339,10 @@ def _ingest_files(client: httpx.Client, files: list[Path], collection: str, meta
     indexed = sum(s["indexed"] for s in states.values())
     unchanged = sum(s["unchanged"] for s in states.values())
     failed = [e for s in states.values() for e in s["errors"]]
-    typer.echo(f"{len(files)} files: {indexed} documents indexed, {unchanged} unchanged, "
-               f"{len(failed)} failed, {len(rejected)} files rejected")
+    typer.echo(
+        f"{len(files)} files: {indexed} documents indexed, {unchanged} unchanged, "
+        f"{len(failed)} failed, {len(rejected)} files rejected"
+    )
     for err in failed[:50]:
         typer.echo(f"  failed {err['external_id']}: {err['error']}")
     for path, why in rejected:
@@ -338,7 +393,9 @@ def search(
     query: Annotated[str, typer.Argument(help="What to search for.")],
     k: Annotated[int, typer.Option("--k", "-k", help="How many chunks.")] = 5,
     collection: CollectionOpt = "default",
-    filter_: Annotated[list[str] | None, typer.Option("--filter", help="Metadata filter key=value (repeatable).")] = None,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Metadata filter key=value (repeatable).")
+    ] = None,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
@@ -360,8 +417,10 @@ def search(
 def _print_answer(result: dict[str, Any]) -> None:
     typer.echo(f"\n{result['answer']}\n")
     for c in result["citations"]:
-        typer.echo(f"  [{c['n']}] {c['title'] or c['external_id']}  ({c['external_id']}, chunk {c['chunk_id']}, "
-                   f"score {c['score']:.3f})")
+        typer.echo(
+            f"  [{c['n']}] {c['title'] or c['external_id']}  ({c['external_id']}, chunk {c['chunk_id']}, "
+            f"score {c['score']:.3f})"
+        )
 
 
 @app.command()
@@ -389,18 +448,24 @@ def status(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
-    typer.echo(f"documents: {result['documents']}   chunks: {result['chunks']}   "
-               f"jobs: {result['jobs']['total']} ({result['jobs']['running']} running)")
+    typer.echo(
+        f"documents: {result['documents']}   chunks: {result['chunks']}   "
+        f"jobs: {result['jobs']['total']} ({result['jobs']['running']} running)"
+    )
     model = result["active_model"]
     if model:
-        typer.echo(f"active model: {model['name']} (revision {model['revision']}, {model['dimension']} dims, "
-                   f"{model['pooling']} pooling{', normalised' if model['normalize'] else ''}; "
-                   f"{model['vectors']} chunk vectors)")
+        typer.echo(
+            f"active model: {model['name']} (revision {model['revision']}, {model['dimension']} dims, "
+            f"{model['pooling']} pooling{', normalised' if model['normalize'] else ''}; "
+            f"{model['vectors']} chunk vectors)"
+        )
     else:
         typer.echo("active model: none yet")
     for c in result["collections"]:
-        typer.echo(f"  {c['name']}: {c['documents']} documents ({c['indexed']} indexed, {c['queued']} queued, "
-                   f"{c['failed']} failed), {c['chunks']} chunks")
+        typer.echo(
+            f"  {c['name']}: {c['documents']} documents ({c['indexed']} indexed, {c['queued']} queued, "
+            f"{c['failed']} failed), {c['chunks']} chunks"
+        )
 
 
 def main() -> None:

@@ -42,7 +42,6 @@ class Settings(BaseSettings):
     # Ingestion.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     ingest_batch_documents: int = Field(default=64, ge=1, le=10_000)
-    default_collection: str = "default"
     ingest_stall_minutes: int = Field(default=15, ge=1)
 
     # Retrieval and answers.
@@ -65,6 +64,17 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("redis_url", "llm_base_url", "llm_model", "embedding_revision", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("llm_api_key", mode="before")
+    @classmethod
+    def _empty_key(cls, v: object) -> object:
+        # OpenAI-compatible local servers need no key, but the client refuses an empty one.
+        return "not-needed" if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @field_validator("database_url")
     @classmethod

@@ -31,6 +31,7 @@ def make_celery(settings: Settings) -> Celery:
             "data_folder_in": str(queue / "in"),
             "data_folder_out": str(queue / "in"),
             "store_processed": False,
+            "control_folder": str(queue / "control"),
         }
     else:
         # Unacked tasks come back after this long if a worker dies holding them.

