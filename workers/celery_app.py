@@ -8,7 +8,7 @@ from app.config import Settings, get_settings
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("pgsage", broker=settings.broker_url, include=["workers.tasks.ingest"])
+    app = Celery("pgsage", broker=settings.broker_url, include=["workers.tasks.ingest", "workers.tasks.reindex"])
     conf: dict[str, object] = {
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -22,6 +22,8 @@ def make_celery(settings: Settings) -> Celery:
         "beat_schedule": {
             # Documents whose task was lost (a broker restart, a failed enqueue) are sent again.
             "requeue-stalled-documents": {"task": "ingest.requeue_stalled", "schedule": 300.0},
+            # Model changes are noticed at start; this also resumes a stalled re-index and retires old spaces.
+            "check-embedding-model": {"task": "reindex.check", "schedule": settings.reindex_check_seconds},
         },
     }
     if settings.redis_url is None:

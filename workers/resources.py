@@ -4,24 +4,48 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
-from app.config import get_settings
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
-from app.embedding import Embedder
+from app.embedding import EmbedderPool
 from app.ingest.pipeline import IngestPipeline
+from app.reindex.pipeline import ReindexPipeline
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_ingest: IngestPipeline | None = None
+_resources: WorkerResources | None = None
 
 
-def ingest_pipeline() -> IngestPipeline:
-    """The process's ingest pipeline (engine + embedder), built on first use."""
-    global _ingest
+@dataclass
+class WorkerResources:
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    embedders: EmbedderPool
+    ingest: IngestPipeline
+    reindex: ReindexPipeline
+
+
+def resources() -> WorkerResources:
+    """The process's engine, models and pipelines, built on first use."""
+    global _resources
     with _lock:
-        if _ingest is None:
+        if _resources is None:
             settings = get_settings()
-            engine = make_engine(settings, pool_size=2)
-            _ingest = IngestPipeline(make_sessionmaker(engine), Embedder(settings))
-            log.info("worker resources ready (model %s)", _ingest.embedder.spec.fingerprint)
-        return _ingest
+            engine = make_engine(settings, pool_size=3)
+            factory = make_sessionmaker(engine)
+            embedders = EmbedderPool(settings)
+            _resources = WorkerResources(
+                settings=settings,
+                engine=engine,
+                factory=factory,
+                embedders=embedders,
+                ingest=IngestPipeline(factory, embedders),
+                reindex=ReindexPipeline(settings, engine, factory, embedders),
+            )
+            log.info("worker resources ready (model %s)", embedders.configured.spec.fingerprint)
+        return _resources

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.config import get_settings
+from app.ingest.load import unstorable
 
 MAX_FILTER_KEYS = 16
 
@@ -27,6 +28,9 @@ def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
             raise ValueError("filter keys are 1-128 characters")
         if isinstance(option, list) and not 1 <= len(option) <= 100:
             raise ValueError(f"filter {key!r}: a list holds 1-100 values")
+    problem = unstorable(value)
+    if problem:
+        raise ValueError(f"{problem}, which no stored metadata can hold")
     return value
 
 
@@ -100,10 +104,18 @@ class ChunkOut(BaseModel):
     metadata: dict[str, Any]
 
 
+class SpaceRef(BaseModel):
+    """The embedding space that served a response."""
+
+    id: int
+    fingerprint: str
+
+
 class SearchOut(BaseModel):
     query: str
     collection: str
     model: str
+    space: SpaceRef
     results: list[ChunkOut]
 
 

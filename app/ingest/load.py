@@ -16,13 +16,29 @@ from typing import Any
 
 from app.errors import BadInput, TooLarge, UnsupportedMedia
 
-TEXT_KINDS = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
-              ".html": "html", ".htm": "html", ".pdf": "pdf", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-CONTENT_TYPES = {"text/plain": "text", "text/markdown": "markdown", "text/html": "html",
-                 "application/pdf": "pdf", "application/jsonl": "jsonl", "application/x-ndjson": "jsonl",
-                 "application/jsonlines": "jsonl"}
+TEXT_KINDS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+CONTENT_TYPES = {
+    "text/plain": "text",
+    "text/markdown": "markdown",
+    "text/html": "html",
+    "application/pdf": "pdf",
+    "application/jsonl": "jsonl",
+    "application/x-ndjson": "jsonl",
+    "application/jsonlines": "jsonl",
+}
 MAX_EXTERNAL_ID = 512
 MAX_TITLE = 1000
+MAX_JSON_DEPTH = 100
 
 
 @dataclass
@@ -54,13 +70,51 @@ def detect_kind(filename: str | None, content_type: str | None) -> str:
     if ctype in CONTENT_TYPES:
         return CONTENT_TYPES[ctype]
     raise UnsupportedMedia(
-        f"cannot tell the type of {filename or 'the upload'!r}: use one of "
-        f"{', '.join(sorted(set(TEXT_KINDS)))}"
+        f"cannot tell the type of {filename or 'the upload'!r}: use one of {', '.join(sorted(set(TEXT_KINDS)))}"
     )
 
 
+def unstorable(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """Why Postgres cannot store this value (text and jsonb hold no NUL and no lone surrogate), or None."""
+    if depth > MAX_JSON_DEPTH:
+        return f"{path[:60]}... is nested more than {MAX_JSON_DEPTH} levels deep"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path or 'a string'} contains a NUL character (\\u0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path or 'a string'} contains an unpaired surrogate (invalid Unicode)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            shown = str(key).encode("unicode_escape").decode("ascii")[:100]
+            sub = f"{path}.{shown}" if path else shown
+            problem = unstorable(key, f"the key {sub}") or unstorable(item, sub, depth + 1)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            problem = unstorable(item, f"{path}[{i}]", depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def check_storable(value: Any, where: str, path: str = "") -> None:
+    """Refuse, with a 4xx, strings that would make the database reject the whole write."""
+    problem = unstorable(value, path)
+    if problem:
+        raise BadInput(f"{where}: {problem}, which cannot be stored")
+
+
+def _plain(text: str) -> str:
+    """Extracted text (PDF) made storable: NULs dropped, lone surrogates replaced."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 def _decode(data: bytes, name: str) -> str:
-    if b"\x00" in data[:8192]:
+    if b"\x00" in data:
         raise BadInput(f"{name} looks like binary data, not text (it contains NUL bytes)")
     try:
         text = data.decode("utf-8-sig")
@@ -114,11 +168,21 @@ def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = [_plain(page.extract_text() or "") for page in reader.pages]
         info = reader.metadata
-        title = str(info.title).strip() if info is not None and info.title else None
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError,
-            RecursionError, AssertionError, ZeroDivisionError) as exc:
+        title = _plain(str(info.title)).strip() if info is not None and info.title else None
+    except (
+        PyPdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OSError,
+        RecursionError,
+        AssertionError,
+        ZeroDivisionError,
+    ) as exc:
         raise BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}") from None
     text = _clean("\n\n".join(p.strip() for p in pages if p.strip()))
     if not text:
@@ -157,11 +221,14 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BadInput(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise BadInput(f"{where}: the JSON is nested too deeply") from None
         if not isinstance(obj, dict):
-            raise BadInput(f"{where}: each line must be a JSON object like {{\"_id\", \"title\", \"text\"}}")
+            raise BadInput(f'{where}: each line must be a JSON object like {{"_id", "title", "text"}}')
+        check_storable(obj, where)
         body = obj.get("text")
         if not isinstance(body, str) or not body.strip():
-            raise BadInput(f"{where}: \"text\" must be a non-empty string")
+            raise BadInput(f'{where}: "text" must be a non-empty string')
         ext = check_external_id(obj.get("_id", obj.get("id", obj.get("external_id"))), where)
         if ext is not None:
             if ext in seen:
@@ -169,9 +236,16 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
             seen.add(ext)
         title = obj.get("title")
         if title is not None and not isinstance(title, str):
-            raise BadInput(f"{where}: \"title\" must be a string")
-        docs.append(LoadedDocument(ext, (title or "").strip()[:MAX_TITLE] or None, _clean(body),
-                                   source=name, metadata=_check_metadata(obj.get("metadata"), where)))
+            raise BadInput(f'{where}: "title" must be a string')
+        docs.append(
+            LoadedDocument(
+                ext,
+                (title or "").strip()[:MAX_TITLE] or None,
+                _clean(body),
+                source=name,
+                metadata=_check_metadata(obj.get("metadata"), where),
+            )
+        )
     if not docs:
         raise BadInput(f"{name} holds no documents")
     return docs
@@ -201,9 +275,11 @@ def load_upload(filename: str | None, content_type: str | None, data: bytes, max
 
 def load_json(text: str, title: str | None, metadata: dict[str, Any] | None, external_id: str | None) -> LoadedDocument:
     """A document sent as a JSON body."""
+    check_storable({"text": text, "title": title, "metadata": metadata}, "the document")
     body = _require_text(_clean(text), "text")
-    doc = LoadedDocument(check_external_id(external_id, "external_id"), title, body,
-                         source="api", metadata=metadata or {})
+    doc = LoadedDocument(
+        check_external_id(external_id, "external_id"), title, body, source="api", metadata=metadata or {}
+    )
     if doc.external_id is None:
         # No id given: the content is the identity, so resending it is a no-op.
         doc.external_id = "sha256:" + doc.content_hash[:32]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import session_scope
-from app.embedding import Embedder
+from app.embedding import Embedder, EmbedderPool
 from app.ingest import store
-from app.ingest.chunk import ChunkSpan, Chunker
+from app.ingest.chunk import Chunker, ChunkSpan
 from app.ingest.embed import embed_documents
 from app.reindex import spaces
 
@@ -29,19 +30,32 @@ class IngestOutcome:
 class IngestPipeline:
     """Chunks, embeds and stores queued documents; built once per worker process."""
 
-    def __init__(self, factory: sessionmaker[Session], embedder: Embedder) -> None:
+    def __init__(self, factory: sessionmaker[Session], embedders: EmbedderPool) -> None:
         self.factory = factory
-        self.embedder = embedder
-        self.chunker = Chunker(embedder.tokenizer, embedder.chunk_max_tokens,
-                               embedder.settings.chunk_overlap_tokens)
-        with session_scope(factory) as session:
-            self.space_id = spaces.register(session, embedder.spec).id
+        self.embedders = embedders
+        embedder = embedders.configured
+        self.chunker = Chunker(embedder.tokenizer, embedder.chunk_max_tokens, embedder.settings.chunk_overlap_tokens)
+
+    def _targets(self) -> list[tuple[int, Embedder]]:
+        """The spaces to write: the active one, and the new one while a re-index builds it."""
+        with session_scope(self.factory) as session:
+            live = spaces.live(session)
+        targets = []
+        for space in live:
+            try:
+                targets.append((space.id, self.embedders.for_space(space)))
+            except ValueError:
+                # Its model is gone from this machine; the re-index sweep (or a rollback) covers it.
+                log.exception("cannot write to embedding space %s", space.id)
+        return targets
 
     def process(self, job_id: uuid.UUID | None, doc_ids: Sequence[uuid.UUID]) -> IngestOutcome:
         """Index the given documents; each succeeds or fails on its own."""
         outcome = IngestOutcome()
+        started = time.perf_counter()
         with session_scope(self.factory) as session:
             pending = store.pending_documents(session, doc_ids)
+        loaded = time.perf_counter()
         chunked: list[list[ChunkSpan]] = []
         ready = []
         for doc in pending:
@@ -56,11 +70,13 @@ class IngestPipeline:
                 continue
             chunked.append(chunks)
             ready.append(doc)
-        vectors = embed_documents(self.embedder, chunked)
-        for doc, chunks, matrix in zip(ready, chunked, vectors, strict=True):
+        chunked_at = time.perf_counter()
+        per_space = [(space_id, embed_documents(embedder, chunked)) for space_id, embedder in self._targets()]
+        embedded = time.perf_counter()
+        for i, (doc, chunks) in enumerate(zip(ready, chunked, strict=True)):
             try:
                 with session_scope(self.factory) as session:
-                    written = store.write_document(session, doc, chunks, {self.space_id: matrix})
+                    written = store.write_document(session, doc, chunks, {sid: vecs[i] for sid, vecs in per_space})
             except Exception as exc:
                 log.exception("storing failed for %s", doc.id)
                 self._fail(doc.id, f"storing failed: {exc}")
@@ -74,6 +90,20 @@ class IngestPipeline:
             # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
             with session_scope(self.factory) as session:
                 store.settle_job_items(session, job_id, doc_ids)
+        done = time.perf_counter()
+        log.info(
+            "ingest batch: %d documents, %d chunks (%d indexed, %d failed, %d skipped); "
+            "load %.3fs chunk %.3fs embed %.3fs store %.3fs",
+            len(doc_ids),
+            sum(len(c) for c in chunked),
+            outcome.indexed,
+            outcome.failed,
+            outcome.skipped,
+            loaded - started,
+            chunked_at - loaded,
+            embedded - chunked_at,
+            done - embedded,
+        )
         return outcome
 
     def _fail(self, doc_id: uuid.UUID, error: str) -> None:

@@ -30,8 +30,7 @@ def collection_id(session: Session, name: str, *, create: bool = False) -> int:
     """The id of a collection by name; created on first ingest, 404 elsewhere."""
     check_collection_name(name)
     if create:
-        session.execute(text("INSERT INTO collections (name) VALUES (:n) ON CONFLICT (name) DO NOTHING"),
-                        {"n": name})
+        session.execute(text("INSERT INTO collections (name) VALUES (:n) ON CONFLICT (name) DO NOTHING"), {"n": name})
     cid = session.execute(text("SELECT id FROM collections WHERE name = :n"), {"n": name}).scalar()
     if cid is None:
         raise NotFound(f"collection {name!r} does not exist")
@@ -53,8 +52,9 @@ class UpsertResult:
     unchanged: int
 
 
-def upsert_documents(session: Session, collection: int, docs: Sequence[LoadedDocument],
-                     job_id: uuid.UUID) -> UpsertResult:
+def upsert_documents(
+    session: Session, collection: int, docs: Sequence[LoadedDocument], job_id: uuid.UUID
+) -> UpsertResult:
     """Insert new documents, requeue changed (or failed) ones, and leave identical ones alone.
 
     Identity is (collection, external id); the content hash decides whether there is work to do.
@@ -120,8 +120,9 @@ class PendingDocument:
 def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[PendingDocument]:
     """The documents among ids that still wait for chunks and vectors."""
     rows = session.execute(
-        text("SELECT id, collection_id, content, content_hash FROM documents "
-             "WHERE id = ANY(:ids) AND status = 'queued'"),
+        text(
+            "SELECT id, collection_id, content, content_hash FROM documents WHERE id = ANY(:ids) AND status = 'queued'"
+        ),
         {"ids": list(ids)},
     ).all()
     return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash) for r in rows]
@@ -129,16 +130,20 @@ def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[Pendin
 
 def claim_stalled(session: Session, older_than_minutes: int, limit: int) -> list[uuid.UUID]:
     """Queued documents untouched for a while (their task was lost); touched so they are claimed once."""
-    rows = session.execute(
-        text("""
+    rows = (
+        session.execute(
+            text("""
         UPDATE documents SET updated_at = now()
          WHERE id IN (SELECT id FROM documents
                        WHERE status = 'queued' AND updated_at < now() - make_interval(mins => :m)
                        ORDER BY updated_at LIMIT :n FOR UPDATE SKIP LOCKED)
         RETURNING id
         """),
-        {"m": older_than_minutes, "n": limit},
-    ).scalars().all()
+            {"m": older_than_minutes, "n": limit},
+        )
+        .scalars()
+        .all()
+    )
     return list(rows)
 
 
@@ -157,8 +162,9 @@ def settle_job_items(session: Session, job_id: uuid.UUID, ids: Sequence[uuid.UUI
     )
 
 
-def write_document(session: Session, doc: PendingDocument, chunks: Sequence[ChunkSpan],
-                   vectors: dict[int, np.ndarray]) -> bool:
+def write_document(
+    session: Session, doc: PendingDocument, chunks: Sequence[ChunkSpan], vectors: dict[int, np.ndarray]
+) -> bool:
     """Replace a document's chunks and vectors in the caller's transaction; False if it changed meanwhile.
 
     vectors maps embedding-space id to one row per chunk. The row lock on the document makes a
@@ -170,36 +176,46 @@ def write_document(session: Session, doc: PendingDocument, chunks: Sequence[Chun
     if current != doc.content_hash:
         return False
     session.execute(text("DELETE FROM chunks WHERE document_id = :id"), {"id": doc.id})
-    ids = session.execute(
-        text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)}
-    ).scalars().all()
+    ids = (
+        session.execute(text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)})
+        .scalars()
+        .all()
+    )
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy("COPY chunks (id, document_id, ordinal, text, token_count, char_start, char_end) "
-                     "FROM STDIN") as copy:
+    with cursor.copy(
+        "COPY chunks (id, document_id, ordinal, text, token_count, char_start, char_end) FROM STDIN"
+    ) as copy:
         for cid, ch in zip(ids, chunks, strict=True):
             copy.write_row((cid, doc.id, ch.ordinal, ch.text, ch.token_count, ch.char_start, ch.char_end))
-    with cursor.copy("COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) "
-                     "FROM STDIN (FORMAT BINARY)") as copy:
+    with cursor.copy(
+        "COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
         copy.set_types(["bigint", "integer", "uuid", "integer", "vector"])
         for model_id, matrix in vectors.items():
             for cid, vec in zip(ids, matrix, strict=True):
                 copy.write_row((cid, model_id, doc.id, doc.collection_id, vec))
     for model_id, matrix in vectors.items():
         session.execute(
-            text("INSERT INTO document_vectors (document_id, model_id, embedding) "
-                 "VALUES (:d, :m, CAST(:v AS vector)) "
-                 "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"),
+            text(
+                "INSERT INTO document_vectors (document_id, model_id, embedding) "
+                "VALUES (:d, :m, CAST(:v AS vector)) "
+                "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"
+            ),
             {"d": doc.id, "m": model_id, "v": _document_vector(matrix)},
         )
     session.execute(
-        text("UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, "
-             "indexed_at = now(), updated_at = now() WHERE id = :id"),
+        text(
+            "UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, "
+            "indexed_at = now(), updated_at = now() WHERE id = :id"
+        ),
         {"id": doc.id, "n": len(chunks)},
     )
     # Every job waiting on this document is settled, including one whose content was superseded.
     session.execute(
-        text("UPDATE job_documents SET status = 'done', error = NULL, updated_at = now() "
-             "WHERE document_id = :d AND status = 'pending'"),
+        text(
+            "UPDATE job_documents SET status = 'done', error = NULL, updated_at = now() "
+            "WHERE document_id = :d AND status = 'pending'"
+        ),
         {"d": doc.id},
     )
     return True
@@ -219,23 +235,29 @@ def mark_failed(session: Session, doc_id: uuid.UUID, error: str) -> None:
         {"id": doc_id, "e": error[:2000]},
     )
     session.execute(
-        text("UPDATE job_documents SET status = 'failed', error = :e, updated_at = now() "
-             "WHERE document_id = :d AND status = 'pending'"),
+        text(
+            "UPDATE job_documents SET status = 'failed', error = :e, updated_at = now() "
+            "WHERE document_id = :d AND status = 'pending'"
+        ),
         {"d": doc_id, "e": error[:2000]},
     )
 
 
 def get_document(session: Session, doc_id: uuid.UUID) -> dict[str, Any]:
-    row = session.execute(
-        text("""
+    row = (
+        session.execute(
+            text("""
         SELECT d.id, c.name AS collection, d.external_id, d.title, d.source, d.metadata, d.status,
                d.error, d.chunk_count, d.content_hash, d.created_at, d.updated_at, d.indexed_at,
                length(d.content) AS characters
           FROM documents d JOIN collections c ON c.id = d.collection_id
          WHERE d.id = :id
         """),
-        {"id": doc_id},
-    ).mappings().first()
+            {"id": doc_id},
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"document {doc_id} does not exist")
     return dict(row)
@@ -250,27 +272,45 @@ def delete_document(session: Session, doc_id: uuid.UUID) -> None:
 
 def job_progress(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
     """A job's state and counts, derived from its items, plus every failed document's error."""
-    job = session.execute(
-        text("SELECT j.id, j.kind, j.created_at, c.name AS collection FROM jobs j "
-             "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id"),
-        {"id": job_id},
-    ).mappings().first()
+    job = (
+        session.execute(
+            text(
+                "SELECT j.id, j.kind, j.created_at, c.name AS collection FROM jobs j "
+                "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id"
+            ),
+            {"id": job_id},
+        )
+        .mappings()
+        .first()
+    )
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
-    counts = session.execute(
-        text("SELECT count(*) AS total, "
-             "count(*) FILTER (WHERE status = 'done') AS done, "
-             "count(*) FILTER (WHERE status = 'unchanged') AS unchanged, "
-             "count(*) FILTER (WHERE status = 'failed') AS failed, "
-             "max(updated_at) AS updated_at FROM job_documents WHERE job_id = :id"),
-        {"id": job_id},
-    ).mappings().one()
-    errors = session.execute(
-        text("SELECT j.document_id, d.external_id, j.error FROM job_documents j "
-             "JOIN documents d ON d.id = j.document_id "
-             "WHERE j.job_id = :id AND j.status = 'failed' ORDER BY d.external_id LIMIT 1000"),
-        {"id": job_id},
-    ).mappings().all()
+    counts = (
+        session.execute(
+            text(
+                "SELECT count(*) AS total, "
+                "count(*) FILTER (WHERE status = 'done') AS done, "
+                "count(*) FILTER (WHERE status = 'unchanged') AS unchanged, "
+                "count(*) FILTER (WHERE status = 'failed') AS failed, "
+                "max(updated_at) AS updated_at FROM job_documents WHERE job_id = :id"
+            ),
+            {"id": job_id},
+        )
+        .mappings()
+        .one()
+    )
+    errors = (
+        session.execute(
+            text(
+                "SELECT j.document_id, d.external_id, j.error FROM job_documents j "
+                "JOIN documents d ON d.id = j.document_id "
+                "WHERE j.job_id = :id AND j.status = 'failed' ORDER BY d.external_id LIMIT 1000"
+            ),
+            {"id": job_id},
+        )
+        .mappings()
+        .all()
+    )
     total, failed = counts["total"], counts["failed"]
     finished = counts["done"] + counts["unchanged"] + failed
     if finished < total:
@@ -294,8 +334,9 @@ def job_progress(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
 
 def status_summary(session: Session) -> dict[str, Any]:
     """Counts for `pgsage status`: collections, documents by status, chunks, jobs, spaces."""
-    collections = session.execute(
-        text("""
+    collections = (
+        session.execute(
+            text("""
         SELECT c.name,
                count(d.id) AS documents,
                count(d.id) FILTER (WHERE d.status = 'indexed') AS indexed,
@@ -305,20 +346,33 @@ def status_summary(session: Session) -> dict[str, Any]:
           FROM collections c LEFT JOIN documents d ON d.collection_id = c.id
          GROUP BY c.name ORDER BY c.name
         """)
-    ).mappings().all()
-    jobs = session.execute(
-        text("""
+        )
+        .mappings()
+        .all()
+    )
+    jobs = (
+        session.execute(
+            text("""
         SELECT count(*) AS total,
                count(*) FILTER (WHERE EXISTS (SELECT 1 FROM job_documents i
                                                WHERE i.job_id = j.id AND i.status = 'pending')) AS running
           FROM jobs j
         """)
-    ).mappings().one()
-    spaces = session.execute(
-        text("SELECT id, name, revision, dimension, pooling, normalize, status, fingerprint, activated_at, "
-             "(SELECT count(*) FROM chunk_vectors v WHERE v.model_id = m.id) AS vectors "
-             "FROM embedding_models m WHERE status <> 'dropped' ORDER BY id")
-    ).mappings().all()
+        )
+        .mappings()
+        .one()
+    )
+    spaces = (
+        session.execute(
+            text(
+                "SELECT id, name, revision, dimension, pooling, normalize, status, fingerprint, activated_at, "
+                "(SELECT count(*) FROM chunk_vectors v WHERE v.model_id = m.id) AS vectors "
+                "FROM embedding_models m WHERE status <> 'dropped' ORDER BY id"
+            )
+        )
+        .mappings()
+        .all()
+    )
     return {
         "collections": [dict(c) for c in collections],
         "documents": sum(c["documents"] for c in collections),

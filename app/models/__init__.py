@@ -4,6 +4,7 @@ from app.models.collection import Collection
 from app.models.document import Chunk, Document
 from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel
 from app.models.job import Job, JobDocument
+from app.models.reindex import ReindexJob
 
 __all__ = [
     "Chunk",
@@ -14,4 +15,5 @@ __all__ = [
     "EmbeddingModel",
     "Job",
     "JobDocument",
+    "ReindexJob",
 ]

@@ -21,7 +21,8 @@ SYSTEM_PROMPT = (
     "do not contain the answer, say that you don't know. Be brief."
 )
 RELATIVE_MARGIN = 0.15
-_CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
+# A citation marker with the space before it, so a dropped marker leaves no double space.
+_CITATION = re.compile(r"(?P<space>\s?)\[(?P<numbers>\d+(?:\s*[,;]\s*\d+)*)\]")
 
 
 @dataclass
@@ -32,9 +33,16 @@ class Answer:
 
 
 def _citation(n: int, hit: Hit, quote: str | None = None) -> dict[str, Any]:
-    return {"n": n, "chunk_id": hit.chunk_id, "document_id": hit.document_id,
-            "external_id": hit.external_id, "title": hit.title, "score": round(hit.score, 4),
-            "text": hit.text, "quote": quote}
+    return {
+        "n": n,
+        "chunk_id": hit.chunk_id,
+        "document_id": hit.document_id,
+        "external_id": hit.external_id,
+        "title": hit.title,
+        "score": round(hit.score, 4),
+        "text": hit.text,
+        "quote": quote,
+    }
 
 
 def _is_heading(sentence: str) -> bool:
@@ -45,11 +53,11 @@ def _is_heading(sentence: str) -> bool:
 class ExtractiveAnswerer:
     """Picks the retrieved sentences closest to the question and cites the chunk of each."""
 
-    def __init__(self, embedder: Embedder, max_sentences: int) -> None:
-        self.embedder = embedder
+    def __init__(self, max_sentences: int) -> None:
         self.max_sentences = max_sentences
 
-    def answer(self, question_vec: np.ndarray, hits: Sequence[Hit], min_score: float) -> Answer:
+    def answer(self, embedder: Embedder, question_vec: np.ndarray, hits: Sequence[Hit], min_score: float) -> Answer:
+        """Sentences are embedded by the same model as the question (the active space's)."""
         candidates: list[tuple[int, int, str]] = []  # (hit rank, start, sentence)
         seen: set[str] = set()
         for rank, hit in enumerate(hits):
@@ -62,7 +70,7 @@ class ExtractiveAnswerer:
                 candidates.append((rank, start, sentence))
         if not candidates:
             return Answer(NO_ANSWER, [], "extractive")
-        sims = self.embedder.encode([c[2] for c in candidates]) @ question_vec
+        sims = embedder.encode([c[2] for c in candidates]) @ question_vec
         order = np.argsort(-sims)
         # Keep sentences about as relevant as the best one; a weak runner-up only adds noise.
         floor = max(min_score, float(sims[order[0]]) - RELATIVE_MARGIN)
@@ -78,6 +86,21 @@ class ExtractiveAnswerer:
                 citations.append(_citation(numbers[rank], hits[rank], sentence))
             parts.append(f"{sentence} [{numbers[rank]}]")
         return Answer(" ".join(parts), citations, "extractive")
+
+
+def resolve_citations(content: str, sources: int) -> tuple[str, list[int]]:
+    """The answer with markers naming no given source removed, and the source numbers it cites."""
+    cited: list[int] = []
+
+    def resolve(match: re.Match[str]) -> str:
+        numbers = [int(x) for x in re.split(r"\s*[,;]\s*", match["numbers"])]
+        valid = [n for n in numbers if 1 <= n <= sources]
+        cited.extend(n for n in valid if n not in cited)
+        if len(valid) == len(numbers):
+            return match[0]
+        return f"{match['space']}[{', '.join(map(str, valid))}]" if valid else ""
+
+    return _CITATION.sub(resolve, content).strip(), sorted(cited)
 
 
 class LLMAnswerer:
@@ -103,18 +126,17 @@ class LLMAnswerer:
 
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=self.prompt(question, hits),
-                max_tokens=self.max_tokens, temperature=0.0,
+                model=self.model,
+                messages=self.prompt(question, hits),
+                max_tokens=self.max_tokens,
+                temperature=0.0,
             )
         except openai.OpenAIError as exc:
             raise UpstreamError(f"the language model did not answer: {exc}") from None
         content = (response.choices[0].message.content or "").strip() if response.choices else ""
         if not content:
             raise UpstreamError("the language model returned an empty answer")
-        cited: list[int] = []
-        for match in _CITATION.finditer(content):
-            for number in re.split(r"\s*[,;]\s*", match.group(1)):
-                n = int(number)
-                if 1 <= n <= len(hits) and n not in cited:
-                    cited.append(n)
-        return Answer(content, [_citation(n, hits[n - 1]) for n in sorted(cited)], "llm")
+        content, cited = resolve_citations(content, len(hits))
+        if not content:
+            raise UpstreamError("the language model returned an empty answer")
+        return Answer(content, [_citation(n, hits[n - 1]) for n in cited], "llm")

@@ -47,22 +47,37 @@ def _filter_sql(filters: dict[str, Any] | None, params: dict[str, Any]) -> str:
     return "".join(f" AND {c}" for c in clauses)
 
 
-def dense_chunks(session: Session, space: EmbeddingModel, query: np.ndarray, collection_id: int, k: int,
-                 *, filters: dict[str, Any] | None, ef_search: int, max_scan_tuples: int) -> list[Hit]:
+def dense_chunks(
+    session: Session,
+    space: EmbeddingModel,
+    query: np.ndarray,
+    collection_id: int,
+    k: int,
+    *,
+    filters: dict[str, Any] | None,
+    ef_search: int,
+    max_scan_tuples: int,
+) -> list[Hit]:
     """The k chunks nearest to the query in this space, through the space's HNSW index.
 
     The collection (and any metadata filter) is applied while the index is walked: iterative
     scans keep going until k rows pass, so filtered queries still return k rows when they exist.
     """
     dim, mid = int(space.dimension), int(space.id)
-    session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
-                         "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-                         "set_config('hnsw.max_scan_tuples', :mst, true)"),
-                    {"ef": str(max(ef_search, k)), "mst": str(max_scan_tuples)})
+    session.execute(
+        text(
+            "SELECT set_config('hnsw.ef_search', :ef, true), "
+            "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+            "set_config('hnsw.max_scan_tuples', :mst, true)"
+        ),
+        {"ef": str(max(ef_search, k)), "mst": str(max_scan_tuples)},
+    )
     params: dict[str, Any] = {"q": vector_literal(query), "cid": collection_id, "k": k}
     where = _filter_sql(filters, params)
     # model id and dimension are integers from our own registry: inlined so the planner can match
     # the partial expression index of this space.
+    # relaxed_order lets the index return rows slightly out of order; the outer query sorts them. The
+    # "+ 0" matters: Postgres 17+ knows the CTE's ORDER BY and would otherwise skip that sort.
     rows = session.execute(
         text(f"""
         WITH nearest AS MATERIALIZED (
@@ -79,9 +94,11 @@ def dense_chunks(session: Session, space: EmbeddingModel, query: np.ndarray, col
           FROM nearest n
           JOIN chunks c ON c.id = n.chunk_id
           JOIN documents d ON d.id = n.document_id
-         ORDER BY n.distance
+         ORDER BY n.distance + 0
         """),
         params,
     ).all()
-    return [Hit(r.chunk_id, r.document_id, r.external_id, r.title, r.text, r.ordinal, float(r.score),
-                r.metadata or {}) for r in rows]
+    return [
+        Hit(r.chunk_id, r.document_id, r.external_id, r.title, r.text, r.ordinal, float(r.score), r.metadata or {})
+        for r in rows
+    ]

@@ -13,23 +13,29 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from app.embedding import ModelSpec
-from app.models import EmbeddingModel
+from app.models import EmbeddingModel, ReindexJob
 
 log = logging.getLogger(__name__)
+VECTOR_TABLES = ("chunk_vectors", "document_vectors")
 
 
 def register(session: Session, spec: ModelSpec) -> EmbeddingModel:
     """The space for this spec, created (status building) if new."""
     session.execute(
         insert(EmbeddingModel)
-        .values(fingerprint=spec.fingerprint, name=spec.name, revision=spec.revision,
-                dimension=spec.dimension, pooling=spec.pooling, normalize=spec.normalize,
-                params=spec.params, status="building")
+        .values(
+            fingerprint=spec.fingerprint,
+            name=spec.name,
+            revision=spec.revision,
+            dimension=spec.dimension,
+            pooling=spec.pooling,
+            normalize=spec.normalize,
+            params=spec.params,
+            status="building",
+        )
         .on_conflict_do_nothing(index_elements=["fingerprint"])
     )
-    return session.execute(
-        select(EmbeddingModel).where(EmbeddingModel.fingerprint == spec.fingerprint)
-    ).scalar_one()
+    return session.execute(select(EmbeddingModel).where(EmbeddingModel.fingerprint == spec.fingerprint)).scalar_one()
 
 
 def active(session: Session) -> EmbeddingModel | None:
@@ -52,16 +58,45 @@ def ensure_active(session: Session, spec: ModelSpec) -> EmbeddingModel:
         session.refresh(space)
         return space
     if current.id != space.id:
-        log.warning("configured embedding model %s differs from the active space %s (%s)",
-                    spec.fingerprint, current.fingerprint, current.name)
+        log.warning(
+            "configured embedding model %s differs from the active space %s (%s)",
+            spec.fingerprint,
+            current.fingerprint,
+            current.name,
+        )
     return current
 
 
+def index_name(table: str, space_id: int) -> str:
+    return f"ix_{table}_hnsw_m{int(space_id)}"
+
+
+def index_statement(table: str, space_id: int, dimension: int, *, concurrently: bool = False) -> str:
+    """The DDL of a space's HNSW (cosine) index on one of the vector tables."""
+    how = "CONCURRENTLY " if concurrently else ""
+    return (
+        f"CREATE INDEX {how}IF NOT EXISTS {index_name(table, space_id)} ON {table} "
+        f"USING hnsw ((embedding::vector({int(dimension)})) vector_cosine_ops) WHERE model_id = {int(space_id)}"
+    )
+
+
 def build_index(session: Session, space: EmbeddingModel) -> None:
-    """Create the space's HNSW (cosine) indexes on the chunk and document vector tables."""
-    dim, mid = int(space.dimension), int(space.id)
-    for table in ("chunk_vectors", "document_vectors"):
-        session.execute(text(
-            f"CREATE INDEX IF NOT EXISTS ix_{table}_hnsw_m{mid} ON {table} "
-            f"USING hnsw ((embedding::vector({dim})) vector_cosine_ops) WHERE model_id = {mid}"
-        ))
+    """Create the space's HNSW indexes on the chunk and document vector tables (in this transaction)."""
+    for table in VECTOR_TABLES:
+        session.execute(text(index_statement(table, space.id, space.dimension)))
+
+
+def live(session: Session) -> list[EmbeddingModel]:
+    """Spaces that new documents must be written to: the active one and the target of an open re-index."""
+    building = select(ReindexJob.target_model_id).where(ReindexJob.status.in_(("pending", "running")))
+    return list(
+        session.execute(
+            select(EmbeddingModel)
+            .where((EmbeddingModel.status == "active") | EmbeddingModel.id.in_(building))
+            .order_by(EmbeddingModel.id)
+        ).scalars()
+    )
+
+
+def by_id(session: Session, space_id: int) -> EmbeddingModel:
+    return session.execute(select(EmbeddingModel).where(EmbeddingModel.id == space_id)).scalar_one()

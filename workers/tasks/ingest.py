@@ -5,27 +5,26 @@ from __future__ import annotations
 import logging
 import uuid
 
-from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from workers.celery_app import celery_app
-from workers.resources import ingest_pipeline
+from workers.resources import resources
 
 log = logging.getLogger(__name__)
 
 
-@worker_process_init.connect
-def _warm(**_: object) -> None:
-    """Load the model when a worker process starts, not inside the first task."""
-    ingest_pipeline()
-
-
-@celery_app.task(name="ingest.process_documents", bind=True, autoretry_for=(OperationalError,),
-                 retry_backoff=True, retry_backoff_max=60, max_retries=8)
+@celery_app.task(
+    name="ingest.process_documents",
+    bind=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=8,
+)
 def process_documents(self: object, job_id: str | None, document_ids: list[str]) -> dict[str, int]:
     """Chunk, embed and store these documents; safe to run twice."""
     job = uuid.UUID(job_id) if job_id else None
-    outcome = ingest_pipeline().process(job, [uuid.UUID(d) for d in document_ids])
+    outcome = resources().ingest.process(job, [uuid.UUID(d) for d in document_ids])
     return {"indexed": outcome.indexed, "failed": outcome.failed, "skipped": outcome.skipped}
 
 
@@ -37,8 +36,7 @@ def requeue_stalled() -> int:
     from app.ingest import store
 
     settings = get_settings()
-    pipeline = ingest_pipeline()
-    with session_scope(pipeline.factory) as session:
+    with session_scope(resources().factory) as session:
         ids = store.claim_stalled(session, settings.ingest_stall_minutes, 10_000)
     batch = settings.ingest_batch_documents
     for i in range(0, len(ids), batch):

@@ -17,7 +17,7 @@ from app.api.schemas import DocumentIn, DocumentOut, IngestAccepted, JobOut
 from app.db.session import session_scope
 from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
-from app.ingest.load import LoadedDocument, load_json, load_upload
+from app.ingest.load import LoadedDocument, check_storable, load_json, load_upload
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 log = logging.getLogger(__name__)
@@ -51,8 +51,11 @@ def _json_object(raw: str | None, what: str) -> dict[str, Any]:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise BadInput(f"{what} is malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise BadInput(f"{what} is nested too deeply") from None
     if not isinstance(value, dict):
         raise BadInput(f"{what} must be a JSON object")
+    check_storable(value, what, "metadata")
     return value
 
 

@@ -1,0 +1,152 @@
+"""Re-index pipeline: plan (detect) -> backfill beside the old space -> build the index -> switch."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.session import session_scope
+from app.embedding import EmbedderPool
+from app.reindex import backfill, spaces
+from app.reindex.switch import switch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReindexOutcome:
+    status: str
+    embedded: int = 0
+
+
+class ReindexPipeline:
+    """Runs one re-index job to its end; safe to start twice (a per-job advisory lock) and to resume."""
+
+    def __init__(self, settings: Settings, engine: Engine, factory: sessionmaker[Session], pool: EmbedderPool) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.factory = factory
+        self.pool = pool
+
+    def run(self, job_id: uuid.UUID) -> ReindexOutcome:
+        # A session-level lock: released by Postgres if this worker dies, so a restart can resume.
+        with self.engine.connect() as lock_conn:
+            key = lock_conn.execute(text("SELECT hashtextextended(:j, 0)"), {"j": str(job_id)}).scalar_one()
+            if not lock_conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one():
+                lock_conn.commit()
+                return ReindexOutcome("running elsewhere")
+            lock_conn.commit()
+            try:
+                return self._run(job_id)
+            finally:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                lock_conn.commit()
+
+    def _job(self, session: Session, job_id: uuid.UUID) -> dict[str, object] | None:
+        row = session.execute(text("SELECT * FROM reindex_jobs WHERE id = :id"), {"id": job_id}).mappings().first()
+        return dict(row) if row else None
+
+    def _fail(self, job_id: uuid.UUID, error: str) -> None:
+        with session_scope(self.factory) as session:
+            session.execute(
+                text(
+                    "UPDATE reindex_jobs SET status = 'failed', error = :e, finished_at = now() "
+                    "WHERE id = :id AND status IN ('pending', 'running')"
+                ),
+                {"id": job_id, "e": error[:2000]},
+            )
+            session.execute(
+                text(
+                    "UPDATE embedding_models SET status = 'failed' WHERE status = 'building' AND id = "
+                    "(SELECT target_model_id FROM reindex_jobs WHERE id = :id)"
+                ),
+                {"id": job_id},
+            )
+
+    def _run(self, job_id: uuid.UUID) -> ReindexOutcome:
+        with session_scope(self.factory) as session:
+            job = self._job(session, job_id)
+            if job is None or job["status"] not in ("pending", "running"):
+                return ReindexOutcome(str(job["status"]) if job else "gone")
+            target = spaces.by_id(session, int(job["target_model_id"]))  # type: ignore[call-overload]
+            source_id = int(job["source_model_id"])  # type: ignore[call-overload]
+            session.execute(
+                text(
+                    "UPDATE reindex_jobs SET status = 'running', started_at = coalesce(started_at, now()), "
+                    "heartbeat_at = now() WHERE id = :id"
+                ),
+                {"id": job_id},
+            )
+            cursor = int(job["cursor"])  # type: ignore[call-overload]
+        try:
+            embedder = self.pool.for_space(target)
+        except Exception as exc:
+            log.exception("re-index %s cannot load its model", job_id)
+            self._fail(job_id, f"cannot load the new model: {exc}")
+            return ReindexOutcome("failed")
+
+        embedded = 0
+        batch_size = self.settings.reindex_batch_chunks
+        for _round in range(5):
+            sweeping = False
+            while True:
+                with session_scope(self.factory) as session:
+                    status = session.execute(
+                        text("SELECT status FROM reindex_jobs WHERE id = :id"), {"id": job_id}
+                    ).scalar()
+                    if status != "running":
+                        log.warning("re-index %s stopped: %s", job_id, status)
+                        return ReindexOutcome(str(status), embedded)
+                    batch = backfill.next_batch(session, target.id, 0 if sweeping else cursor, batch_size)
+                if batch is None:
+                    if sweeping:
+                        break
+                    # Past the end: sweep from the start for chunks written out of id order meanwhile.
+                    sweeping = True
+                    continue
+                vectors = embedder.encode(batch.texts)
+                with session_scope(self.factory) as session:
+                    embedded += backfill.write_batch(
+                        session, job_id, target.id, batch, vectors, advance_cursor=not sweeping
+                    )
+                if not sweeping:
+                    cursor = batch.max_id
+            with session_scope(self.factory) as session:
+                backfill.write_document_vectors(session, target.id, target.dimension)
+            self._build_index(target.id)
+            with session_scope(self.factory) as session:
+                # Hold off new chunks while checking completeness and switching, so nothing slips between.
+                session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
+                if backfill.missing_count(session, target.id) == 0:
+                    switch(session, job_id, source_id, target.id)
+                    return ReindexOutcome("succeeded", embedded)
+        self._fail(job_id, "chunks kept arriving without vectors in the new space; giving up after 5 rounds")
+        return ReindexOutcome("failed", embedded)
+
+    def _build_index(self, space_id: int) -> None:
+        """Build the new space's HNSW indexes without blocking writes (CONCURRENTLY, outside a transaction)."""
+        started = time.perf_counter()
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            space = conn.execute(
+                text("SELECT id, dimension FROM embedding_models WHERE id = :i"), {"i": space_id}
+            ).one()
+            for table in spaces.VECTOR_TABLES:
+                name = spaces.index_name(table, space.id)
+                valid = conn.execute(
+                    text(
+                        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                        "WHERE c.relname = :n"
+                    ),
+                    {"n": name},
+                ).scalar()
+                if valid is False:  # left behind by a build that was killed
+                    conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                conn.execute(text(spaces.index_statement(table, space.id, space.dimension, concurrently=True)))
+        log.info("built the HNSW indexes of space %s in %.1fs", space_id, time.perf_counter() - started)

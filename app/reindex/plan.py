@@ -1,0 +1,119 @@
+"""Plan: notice that the configured model differs from the active space and open exactly one re-index job.
+
+Called at API start, at worker start and periodically by beat. Racing processes serialise on an
+advisory lock, and a partial unique index allows one open job, so a change yields one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.embedding import ModelSpec
+from app.errors import Conflict
+from app.models import EmbeddingModel
+from app.reindex import spaces
+
+log = logging.getLogger(__name__)
+PLAN_LOCK = 727275
+
+
+@dataclass
+class Plan:
+    job_id: uuid.UUID | None
+    created: bool
+    message: str
+
+
+def open_job(session: Session) -> dict[str, object] | None:
+    row = (
+        session.execute(text("SELECT * FROM reindex_jobs WHERE status IN ('pending', 'running') LIMIT 1"))
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+def _create_job(session: Session, source: EmbeddingModel, target: EmbeddingModel, reason: str) -> uuid.UUID:
+    total = session.execute(
+        text("SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id WHERE d.status = 'indexed'")
+    ).scalar_one()
+    job_id = uuid.uuid4()
+    session.execute(
+        text(
+            "INSERT INTO reindex_jobs (id, source_model_id, target_model_id, status, reason, total_chunks) "
+            "VALUES (:id, :s, :t, 'pending', :r, :n)"
+        ),
+        {"id": job_id, "s": source.id, "t": target.id, "r": reason, "n": total},
+    )
+    session.execute(text("UPDATE embedding_models SET status = 'building' WHERE id = :id"), {"id": target.id})
+    return job_id
+
+
+def plan(session: Session, configured: ModelSpec, *, requested: bool = False) -> Plan:
+    """Compare the configured model with the active space; open a re-index job if they differ.
+
+    requested=True is the admin command: it also rebuilds a space that was rolled back, and it
+    re-embeds into a fresh copy when the configured model is already the active one.
+    """
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
+    active = spaces.active(session)
+    if active is None:
+        space = spaces.ensure_active(session, configured)
+        return Plan(None, False, f"space {space.id} is active (first start)")
+    current = open_job(session)
+    target = spaces.register(session, configured)
+    if current is not None:
+        if current["target_model_id"] == target.id:
+            return Plan(current["id"], False, "a re-index to the configured model is already under way")  # type: ignore[arg-type]
+        # The configuration moved on while a re-index ran: that job's target is no longer wanted.
+        cancel(session, reason="superseded by a newer model configuration")
+    if target.id == active.id:
+        if not requested:
+            return Plan(None, False, "the configured model is the active one")
+        raise Conflict(
+            "the configured embedding model is already active; change the model configuration "
+            "(PGSAGE_EMBEDDING_*) and restart, or roll back"
+        )
+    if target.status == "rolled_back" and not requested:
+        log.warning(
+            "the configured model (space %s) was rolled back; run `pgsage reindex` to build it again", target.id
+        )
+        return Plan(None, False, "the configured model was rolled back; not re-indexing automatically")
+    job_id = _create_job(session, active, target, "requested" if requested else "detected")
+    log.warning("embedding model changed (space %s -> %s): re-index job %s opened", active.id, target.id, job_id)
+    return Plan(job_id, True, f"re-index job {job_id} opened: space {active.id} -> {target.id}")
+
+
+def cancel(session: Session, *, reason: str = "cancelled") -> uuid.UUID | None:
+    """Cancel the open job: the active space is untouched, the partial target is discarded."""
+    job = open_job(session)
+    if job is None:
+        return None
+    session.execute(
+        text(
+            "UPDATE reindex_jobs SET status = 'cancelled', cancel_requested = true, error = :r, "
+            "finished_at = now() WHERE id = :id"
+        ),
+        {"id": job["id"], "r": reason},
+    )
+    session.execute(
+        text("UPDATE embedding_models SET status = 'cancelled' WHERE id = :t AND status = 'building'"),
+        {"t": job["target_model_id"]},
+    )
+    return job["id"]  # type: ignore[return-value]
+
+
+def stalled_job(session: Session, stale_seconds: float) -> uuid.UUID | None:
+    """The open job if no worker has shown progress on it for a while (it needs to be sent again)."""
+    return session.execute(
+        text(
+            "SELECT id FROM reindex_jobs WHERE status IN ('pending', 'running') "
+            "AND coalesce(heartbeat_at, created_at) < now() - make_interval(secs => :s)"
+        ),
+        {"s": stale_seconds},
+    ).scalar()
