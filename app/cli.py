@@ -468,6 +468,65 @@ def status(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL) -> None:
         )
 
 
+def _print_reindex(state: dict[str, Any]) -> None:
+    active = state["active_space"]
+    typer.echo(
+        f"active space: {active['id']} {active['name']} ({active['fingerprint']})" if active else "no active space"
+    )
+    job = state["job"]
+    if job is None:
+        typer.echo("no re-index has run")
+        return
+    rate = f", {job['rate_per_s']} chunks/s" if job["rate_per_s"] else ""
+    eta = f", about {job['eta_s']:.0f}s left" if job["eta_s"] is not None else ""
+    typer.echo(
+        f"re-index {job['id']}: {job['status']} ({job['reason']}), space {job['source']['id']} -> "
+        f"{job['target']['id']} {job['target']['name']}: {job['done']}/{job['total']} chunks{rate}{eta}"
+    )
+    if job["error"]:
+        typer.echo(f"  {job['error']}")
+
+
+@app.command()
+def reindex(
+    status_: Annotated[bool, typer.Option("--status", help="Show progress and exit.")] = False,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the running re-index.")] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Switch back to the previous space.")] = False,
+    wait: Annotated[bool, typer.Option(help="Show a progress bar until it finishes.")] = True,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Re-embed every chunk with the configured model beside the old vectors, then switch (or follow,
+    cancel, roll back). A model change starts this by itself; the command does it on demand."""
+    from tqdm import tqdm
+
+    with _client(url) as client:
+        if status_:
+            _print_reindex(_call(client, "GET", "/v1/admin/reindex"))
+            return
+        if cancel:
+            typer.echo(f"cancelled re-index {_call(client, 'POST', '/v1/admin/reindex/cancel')['cancelled']}")
+            return
+        if rollback:
+            result = _call(client, "POST", "/v1/admin/reindex/rollback")
+            typer.echo(f"rolled back: space {result['from_space']} -> {result['to_space']}")
+            return
+        started = _call(client, "POST", "/v1/admin/reindex")
+        typer.echo(started["message"])
+        if not wait or started["job_id"] is None:
+            return
+        with tqdm(total=0, desc="re-indexing", unit="chunk") as bar:
+            while True:
+                job = _call(client, "GET", "/v1/admin/reindex")["job"]
+                bar.total, bar.n = job["total"], min(job["done"], job["total"])
+                bar.refresh()
+                if job["status"] not in ("pending", "running"):
+                    break
+                time.sleep(1)
+        _print_reindex(_call(client, "GET", "/v1/admin/reindex"))
+        if job["status"] != "succeeded":
+            raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

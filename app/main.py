@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import __version__
 from app.api.deps import Resources
-from app.api.routes import documents, health, search
+from app.api.routes import admin, documents, health, search
 from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import EmbedderPool
@@ -108,4 +108,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(search.router)
+    app.include_router(admin.router)
     return app

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from app.config import Settings, get_settings  # noqa: E402
-from tests.fixtures.services import (  # noqa: E402
+from app.config import Settings, get_settings
+from tests.fixtures.services import (
     WorkerProcess,
     migrate,
     postgres_server,
@@ -41,7 +41,9 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def service_env(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def service_env(
+    database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """Environment shared by the in-process API and the worker subprocess."""
     env = {
         "PGSAGE_DATABASE_URL": database_url,

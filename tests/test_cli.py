@@ -24,14 +24,21 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PGSAGE_") and k not in ("DATABASE_URL", "REDIS_URL")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
     return {**env, "PGSAGE_DATA_DIR": str(tmp), "HF_HUB_OFFLINE": "1"}
 
 
 def _pgsage(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +49,13 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
     env = _env(tmp)
     log = tmp / "up.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parents[1],
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -122,7 +134,12 @@ def test_every_command_has_help() -> None:
     names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     assert {"up", "ingest", "search", "ask", "status", "migrate", "worker", "api"} <= set(names)
     for name in names:
-        r = subprocess.run([sys.executable, "-m", "app.cli", name, "--help"], capture_output=True, text=True,
-                           timeout=60, cwd=Path(__file__).parents[1])
+        r = subprocess.run(
+            [sys.executable, "-m", "app.cli", name, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parents[1],
+        )
         assert r.returncode == 0, (name, r.stderr)
         assert "Usage" in r.stdout

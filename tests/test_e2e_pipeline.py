@@ -12,11 +12,13 @@ from sqlalchemy import create_engine, text
 from tests.fixtures.helpers import make_pdf, upload, wait_for_job
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
-TIDES_PDF = make_pdf([
-    "Ocean tides.",
-    "Tides are the rise and fall of sea level caused by the gravitational pull of the Moon and the Sun.",
-    "Spring tides, with the largest range, happen at new and full moon when Sun and Moon line up.",
-])
+TIDES_PDF = make_pdf(
+    [
+        "Ocean tides.",
+        "Tides are the rise and fall of sea level caused by the gravitational pull of the Moon and the Sun.",
+        "Spring tides, with the largest range, happen at new and full moon when Sun and Moon line up.",
+    ]
+)
 
 QUERIES = {
     "how long should espresso extraction take and how fine to grind": "coffee.txt",
@@ -58,11 +60,14 @@ def test_search_ranks_the_right_document_first(client: TestClient, corpus: str, 
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize(("question", "expected"), [
-    ("Which enzyme fixes carbon dioxide during photosynthesis?", "photosynthesis.txt"),
-    ("At what elongation should a bicycle chain be replaced?", "bicycle.html"),
-    ("What pressure is used to brew espresso?", "coffee.txt"),
-])
+@pytest.mark.parametrize(
+    ("question", "expected"),
+    [
+        ("Which enzyme fixes carbon dioxide during photosynthesis?", "photosynthesis.txt"),
+        ("At what elongation should a bicycle chain be replaced?", "bicycle.html"),
+        ("What pressure is used to brew espresso?", "coffee.txt"),
+    ],
+)
 def test_ask_cites_the_right_document(client: TestClient, corpus: str, question: str, expected: str) -> None:
     r = client.post("/v1/ask", json={"question": question, "collection": corpus})
     assert r.status_code == 200, r.text
@@ -112,16 +117,28 @@ def test_same_content_again_is_a_no_op(client: TestClient, corpus: str, settings
 def test_changed_content_replaces_chunks_and_delete_removes_everything(
     client: TestClient, worker: Any, collection: str, settings: Any
 ) -> None:
-    first = client.post("/v1/documents", json={
-        "text": "The lighthouse keeper climbs 200 steps every evening to light the lamp.",
-        "external_id": "lighthouse", "collection": collection, "metadata": {"v": 1}})
+    first = client.post(
+        "/v1/documents",
+        json={
+            "text": "The lighthouse keeper climbs 200 steps every evening to light the lamp.",
+            "external_id": "lighthouse",
+            "collection": collection,
+            "metadata": {"v": 1},
+        },
+    )
     assert first.status_code == 202
     assert wait_for_job(client, first.json()["job_id"])["state"] == "succeeded"
     old = _search(client, collection, "lighthouse lamp")[0]
 
-    second = client.post("/v1/documents", json={
-        "text": "The lighthouse is automated now; a solar panel powers its LED beacon.",
-        "external_id": "lighthouse", "collection": collection, "metadata": {"v": 2}})
+    second = client.post(
+        "/v1/documents",
+        json={
+            "text": "The lighthouse is automated now; a solar panel powers its LED beacon.",
+            "external_id": "lighthouse",
+            "collection": collection,
+            "metadata": {"v": 2},
+        },
+    )
     assert second.json()["queued"] == 1
     assert wait_for_job(client, second.json()["job_id"])["state"] == "succeeded"
     results = _search(client, collection, "lighthouse lamp")

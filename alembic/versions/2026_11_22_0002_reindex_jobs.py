@@ -10,8 +10,9 @@ Re-index jobs: at most one pending or running at a time (a partial unique index)
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
 from sqlalchemy.dialects import postgresql
+
+from alembic import op
 
 revision: str = "0002"
 down_revision: str | None = "0001"

@@ -204,10 +204,10 @@ def check_external_id(value: Any, where: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise BadInput(f"{where}: id must be a string")
-    value = str(value).strip()
-    if not value or len(value) > MAX_EXTERNAL_ID or any(unicodedata.category(c) == "Cc" for c in value):
+    ext = str(value).strip()
+    if not ext or len(ext) > MAX_EXTERNAL_ID or any(unicodedata.category(c) == "Cc" for c in ext):
         raise BadInput(f"{where}: id must be 1-{MAX_EXTERNAL_ID} printable characters")
-    return value
+    return ext
 
 
 def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:

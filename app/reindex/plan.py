@@ -117,3 +117,48 @@ def stalled_job(session: Session, stale_seconds: float) -> uuid.UUID | None:
         ),
         {"s": stale_seconds},
     ).scalar()
+
+
+def progress(session: Session) -> dict[str, object]:
+    """The open re-index job (or the latest one) with its rate and time left, and the spaces."""
+    job = (
+        session.execute(
+            text("""
+        SELECT j.*, s.name AS source_name, s.fingerprint AS source_fingerprint,
+               t.name AS target_name, t.fingerprint AS target_fingerprint, t.status AS target_status,
+               extract(epoch FROM (coalesce(j.finished_at, now()) - j.started_at)) AS elapsed_s
+          FROM reindex_jobs j
+          JOIN embedding_models s ON s.id = j.source_model_id
+          JOIN embedding_models t ON t.id = j.target_model_id
+         ORDER BY (j.status IN ('pending', 'running')) DESC, j.created_at DESC LIMIT 1
+        """)
+        )
+        .mappings()
+        .first()
+    )
+    active = spaces.active(session)
+    out: dict[str, object] = {
+        "active_space": {"id": active.id, "name": active.name, "fingerprint": active.fingerprint} if active else None,
+        "job": None,
+    }
+    if job is None:
+        return out
+    elapsed = float(job["elapsed_s"] or 0.0)
+    done, total = int(job["done_chunks"]), int(job["total_chunks"])
+    rate = done / elapsed if elapsed > 0 else None
+    out["job"] = {
+        "id": job["id"],
+        "status": job["status"],
+        "reason": job["reason"],
+        "source": {"id": job["source_model_id"], "name": job["source_name"], "fingerprint": job["source_fingerprint"]},
+        "target": {"id": job["target_model_id"], "name": job["target_name"], "fingerprint": job["target_fingerprint"]},
+        "done": done,
+        "total": total,
+        "rate_per_s": round(rate, 2) if rate else None,
+        "eta_s": round(max(total - done, 0) / rate, 1) if rate and job["status"] == "running" else None,
+        "error": job["error"],
+        "created_at": job["created_at"],
+        "started_at": job["started_at"],
+        "finished_at": job["finished_at"],
+    }
+    return out
