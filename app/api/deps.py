@@ -43,4 +43,5 @@ def get_session(resources: Annotated[Resources, Depends(get_resources)]) -> Iter
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client never reads its own write stale.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
