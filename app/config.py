@@ -15,17 +15,11 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 class Settings(BaseSettings):
     """Every configurable knob of pgsage; each key is documented in .env.example."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="PGSAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="PGSAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     # External services. Unset means the embedded default (pgserver + a file-system broker).
-    database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("PGSAGE_DATABASE_URL", "DATABASE_URL")
-    )
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("PGSAGE_REDIS_URL", "REDIS_URL")
-    )
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("PGSAGE_DATABASE_URL", "DATABASE_URL"))
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("PGSAGE_REDIS_URL", "REDIS_URL"))
     data_dir: Path = Path(".pgsage")
 
     # Embedding model and chunking: together they make the model fingerprint.
@@ -49,6 +43,13 @@ class Settings(BaseSettings):
     reindex_retention_hours: float = Field(default=24.0, ge=0)
     reindex_check_seconds: float = Field(default=60.0, ge=5)
     reindex_stale_seconds: float = Field(default=120.0, ge=10)
+    # Optional quality gate: a BEIR folder (queries.jsonl, qrels/<split>.tsv) whose corpus is ingested in
+    # a collection; the switch happens only if the new space's nDCG@10 is within the margin of the old one's.
+    reindex_eval_dir: Path | None = None
+    reindex_eval_split: str = "test"
+    reindex_eval_collection: str = "eval"
+    reindex_eval_margin: float = Field(default=0.01, ge=0, le=1)
+    reindex_eval_max_queries: int = Field(default=300, ge=1)
 
     # Retrieval and answers.
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
 
-    @field_validator("redis_url", "llm_base_url", "llm_model", "embedding_revision", mode="before")
+    @field_validator("redis_url", "llm_base_url", "llm_model", "embedding_revision", "reindex_eval_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v

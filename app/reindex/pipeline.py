@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -13,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.db.session import session_scope
 from app.embedding import EmbedderPool
-from app.reindex import backfill, spaces
+from app.models import EmbeddingModel
+from app.reindex import backfill, quality, spaces
 from app.reindex.switch import switch
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class ReindexPipeline:
             with session_scope(self.factory) as session:
                 backfill.write_document_vectors(session, target.id, target.dimension)
             self._build_index(target.id)
+            if self.settings.reindex_eval_dir is not None and not self._passes_quality_gate(job_id, source_id, target):
+                return ReindexOutcome("refused", embedded)
             with session_scope(self.factory) as session:
                 # Hold off new chunks while checking completeness and switching, so nothing slips between.
                 session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
@@ -128,6 +132,26 @@ class ReindexPipeline:
                     return ReindexOutcome("succeeded", embedded)
         self._fail(job_id, "chunks kept arriving without vectors in the new space; giving up after 5 rounds")
         return ReindexOutcome("failed", embedded)
+
+    def _passes_quality_gate(self, job_id: uuid.UUID, source_id: int, target: EmbeddingModel) -> bool:
+        """Evaluate both spaces on the labelled set; record the figures; refuse the switch if quality drops."""
+        with session_scope(self.factory) as session:
+            source = spaces.by_id(session, source_id)
+            old = quality.space_quality(session, self.settings, source, self.pool.for_space(source))
+            new = quality.space_quality(session, self.settings, target, self.pool.for_space(target))
+            verdict = quality.gate(old, new, self.settings.reindex_eval_margin)
+            session.execute(
+                text(
+                    "UPDATE reindex_jobs SET quality = CAST(:q AS jsonb), status = CASE WHEN :ok THEN status "
+                    "ELSE 'refused' END, error = :e, finished_at = CASE WHEN :ok THEN NULL ELSE now() END "
+                    "WHERE id = :id"
+                ),
+                {"q": json.dumps(verdict), "ok": verdict["passed"], "e": verdict["reason"], "id": job_id},
+            )
+            if not verdict["passed"]:
+                session.execute(text("UPDATE embedding_models SET status = 'refused' WHERE id = :t"), {"t": target.id})
+                log.warning("re-index %s %s", job_id, verdict["reason"])
+        return bool(verdict["passed"])
 
     def _build_index(self, space_id: int) -> None:
         """Build the new space's HNSW indexes without blocking writes (CONCURRENTLY, outside a transaction)."""

@@ -79,11 +79,12 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
             "the configured embedding model is already active; change the model configuration "
             "(PGSAGE_EMBEDDING_*) and restart, or roll back"
         )
-    if target.status == "rolled_back" and not requested:
+    if target.status in ("rolled_back", "refused") and not requested:
+        # An operator rolled it back, or the quality gate refused it: only an explicit request retries.
         log.warning(
-            "the configured model (space %s) was rolled back; run `pgsage reindex` to build it again", target.id
+            "the configured model (space %s) was %s; run `pgsage reindex` to build it again", target.id, target.status
         )
-        return Plan(None, False, "the configured model was rolled back; not re-indexing automatically")
+        return Plan(None, False, f"the configured model was {target.status}; not re-indexing automatically")
     job_id = _create_job(session, active, target, "requested" if requested else "detected")
     log.warning("embedding model changed (space %s -> %s): re-index job %s opened", active.id, target.id, job_id)
     return Plan(job_id, True, f"re-index job {job_id} opened: space {active.id} -> {target.id}")

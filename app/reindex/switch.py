@@ -61,7 +61,7 @@ def retire_expired(session: Session, retention_hours: float) -> list[int]:
         session.execute(
             text("""
         SELECT m.id FROM embedding_models m
-         WHERE m.status IN ('retired', 'rolled_back', 'cancelled')
+         WHERE m.status IN ('retired', 'rolled_back', 'refused', 'cancelled')
            AND coalesce(m.retired_at, m.created_at) < now() - make_interval(secs => :h * 3600)
            AND EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.model_id = m.id)
         """),
@@ -74,9 +74,9 @@ def retire_expired(session: Session, retention_hours: float) -> list[int]:
         for table in spaces.VECTOR_TABLES:
             session.execute(text(f"DROP INDEX IF EXISTS {spaces.index_name(table, mid)}"))
             session.execute(text(f"DELETE FROM {table} WHERE model_id = :m"), {"m": mid})
-        # A rolled-back space keeps its status, so its model is not re-indexed again by itself.
+        # A rolled-back or refused space keeps its status, so its model is not re-indexed again by itself.
         session.execute(
-            text("UPDATE embedding_models SET status = 'dropped' WHERE id = :m AND status <> 'rolled_back'"),
+            text("UPDATE embedding_models SET status = 'dropped' WHERE id = :m AND status IN ('retired', 'cancelled')"),
             {"m": mid},
         )
         log.warning("dropped embedding space %s", mid)
