@@ -128,8 +128,9 @@ class ReindexPipeline:
                 # Hold off new chunks while checking completeness and switching, so nothing slips between.
                 session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
                 if backfill.missing_count(session, target.id) == 0:
-                    switch(session, job_id, source_id, target.id)
-                    return ReindexOutcome("succeeded", embedded)
+                    if switch(session, job_id, source_id, target.id):
+                        return ReindexOutcome("succeeded", embedded)
+                    return ReindexOutcome("stopped before the switch", embedded)
         self._fail(job_id, "chunks kept arriving without vectors in the new space; giving up after 5 rounds")
         return ReindexOutcome("failed", embedded)
 

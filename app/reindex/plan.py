@@ -71,7 +71,7 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
         if current["target_model_id"] == target.id:
             return Plan(current["id"], False, "a re-index to the configured model is already under way")  # type: ignore[arg-type]
         # The configuration moved on while a re-index ran: that job's target is no longer wanted.
-        cancel(session, reason="superseded by a newer model configuration")
+        cancel(session, reason="superseded by a newer model configuration", target_status="superseded")
     if target.id == active.id:
         if not requested:
             return Plan(None, False, "the configured model is the active one")
@@ -79,8 +79,8 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
             "the configured embedding model is already active; change the model configuration "
             "(PGSAGE_EMBEDDING_*) and restart, or roll back"
         )
-    if target.status in ("rolled_back", "refused") and not requested:
-        # An operator rolled it back, or the quality gate refused it: only an explicit request retries.
+    if target.status in ("rolled_back", "refused", "cancelled") and not requested:
+        # An operator rolled it back or cancelled it, or the quality gate refused it: only a request retries.
         log.warning(
             "the configured model (space %s) was %s; run `pgsage reindex` to build it again", target.id, target.status
         )
@@ -90,21 +90,24 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
     return Plan(job_id, True, f"re-index job {job_id} opened: space {active.id} -> {target.id}")
 
 
-def cancel(session: Session, *, reason: str = "cancelled") -> uuid.UUID | None:
+def cancel(session: Session, *, reason: str = "cancelled", target_status: str = "cancelled") -> uuid.UUID | None:
     """Cancel the open job: the active space is untouched, the partial target is discarded."""
     job = open_job(session)
     if job is None:
         return None
-    session.execute(
+    # Only while still open: a switch that committed first (the job row is locked by it) wins.
+    cancelled = session.execute(
         text(
             "UPDATE reindex_jobs SET status = 'cancelled', cancel_requested = true, error = :r, "
-            "finished_at = now() WHERE id = :id"
+            "finished_at = now() WHERE id = :id AND status IN ('pending', 'running')"
         ),
         {"id": job["id"], "r": reason},
     )
+    if not cancelled.rowcount:  # type: ignore[attr-defined]
+        return None
     session.execute(
-        text("UPDATE embedding_models SET status = 'cancelled' WHERE id = :t AND status = 'building'"),
-        {"t": job["target_model_id"]},
+        text("UPDATE embedding_models SET status = :s WHERE id = :t AND status = 'building'"),
+        {"t": job["target_model_id"], "s": target_status},
     )
     return job["id"]  # type: ignore[return-value]
 

@@ -15,9 +15,23 @@ from app.reindex.plan import PLAN_LOCK
 log = logging.getLogger(__name__)
 
 
-def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) -> None:
-    """Atomically: the old space becomes retired (kept for rollback), the new one active, the job done."""
+def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) -> bool:
+    """Atomically: the old space becomes retired (kept for rollback), the new one active, the job done.
+
+    Returns False, switching nothing, if the job was cancelled meanwhile (it is no longer running).
+    """
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
+    # The job row first: its row lock orders this against a concurrent cancel, which only touches open jobs.
+    finished = session.execute(
+        text(
+            "UPDATE reindex_jobs SET status = 'succeeded', finished_at = now(), heartbeat_at = now() "
+            "WHERE id = :id AND status = 'running'"
+        ),
+        {"id": job_id},
+    )
+    if not finished.rowcount:  # type: ignore[attr-defined]
+        log.warning("re-index %s was stopped before its switch; the active space is unchanged", job_id)
+        return False
     session.execute(
         text("UPDATE embedding_models SET status = 'retired', retired_at = now() WHERE id = :s AND status = 'active'"),
         {"s": source_id},
@@ -26,11 +40,8 @@ def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) 
         text("UPDATE embedding_models SET status = 'active', activated_at = now(), retired_at = NULL WHERE id = :t"),
         {"t": target_id},
     )
-    session.execute(
-        text("UPDATE reindex_jobs SET status = 'succeeded', finished_at = now(), heartbeat_at = now() WHERE id = :id"),
-        {"id": job_id},
-    )
     log.warning("switched the active embedding space %s -> %s", source_id, target_id)
+    return True
 
 
 def rollback(session: Session) -> tuple[int, int]:
@@ -61,7 +72,7 @@ def retire_expired(session: Session, retention_hours: float) -> list[int]:
         session.execute(
             text("""
         SELECT m.id FROM embedding_models m
-         WHERE m.status IN ('retired', 'rolled_back', 'refused', 'cancelled')
+         WHERE m.status IN ('retired', 'rolled_back', 'refused', 'cancelled', 'superseded')
            AND coalesce(m.retired_at, m.created_at) < now() - make_interval(secs => :h * 3600)
            AND EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.model_id = m.id)
         """),
@@ -74,9 +85,11 @@ def retire_expired(session: Session, retention_hours: float) -> list[int]:
         for table in spaces.VECTOR_TABLES:
             session.execute(text(f"DROP INDEX IF EXISTS {spaces.index_name(table, mid)}"))
             session.execute(text(f"DELETE FROM {table} WHERE model_id = :m"), {"m": mid})
-        # A rolled-back or refused space keeps its status, so its model is not re-indexed again by itself.
+        # A rolled-back, refused or cancelled space keeps its status: its model is not re-indexed by itself.
         session.execute(
-            text("UPDATE embedding_models SET status = 'dropped' WHERE id = :m AND status IN ('retired', 'cancelled')"),
+            text(
+                "UPDATE embedding_models SET status = 'dropped' WHERE id = :m AND status IN ('retired', 'superseded')"
+            ),
             {"m": mid},
         )
         log.warning("dropped embedding space %s", mid)
