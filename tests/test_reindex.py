@@ -645,3 +645,64 @@ def test_racing_processes_open_exactly_one_job(pg_server: str) -> None:
         assert jobs[0].status == "pending"
         assert active_space(engine)[1] == old.fingerprint
         assert target != active_space(engine)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The optional quality gate: switch only if nDCG@10 does not drop by more than the margin
+
+GATE_QUERIES = {
+    "how long should espresso extraction take and how fine to grind": "coffee.txt",
+    "why does magma rise and cause explosive eruptions": "volcanoes.md",
+    "when should I replace a worn bike chain": "bicycle.html",
+    "which enzyme fixes carbon dioxide in plants": "photosynthesis.txt",
+    "overnight proofing and baking in a dutch oven": "sourdough.md",
+    "a good first move for white and developing the bishop": "chess.md",
+}
+
+
+def _eval_folder(root: Path) -> Path:
+    """A BEIR-format labelled set over the shipped corpus (collection "docs" of the seed)."""
+    (root / "qrels").mkdir(parents=True)
+    lines, qrels = [], ["query-id\tcorpus-id\tscore"]
+    for i, (query, doc) in enumerate(GATE_QUERIES.items()):
+        lines.append(f'{{"_id": "q{i}", "text": "{query}"}}')
+        qrels.append(f"q{i}\t{doc}\t1")
+    (root / "queries.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"PGSAGE_EMBEDDING_DIMENSION": "8"}, "refused"),  # 8 dimensions of 384: retrieval collapses
+        ({"PGSAGE_EMBEDDING_REVISION": "v2"}, "succeeded"),  # same vectors: same quality
+    ],
+)
+def test_quality_gate(seed: Seed, redis_url: str, tmp_path: Path, change: dict[str, str], expected: str) -> None:
+    gate = {
+        "PGSAGE_REINDEX_EVAL_DIR": str(_eval_folder(tmp_path / "eval")),
+        "PGSAGE_REINDEX_EVAL_SPLIT": "test",
+        "PGSAGE_REINDEX_EVAL_COLLECTION": "docs",
+        "PGSAGE_REINDEX_EVAL_MARGIN": "0.01",
+    }
+    with cloned_database(seed.server, seed.small) as url, engine_on(url) as engine:
+        env = service_env(url, redis_url, **{**OLD, **change, **gate})
+        with running_worker(env, tmp_path / "worker.log"):
+            job = wait_job(engine, lambda j: j["status"] not in ("pending", "running"), "finished")
+        quality = job["quality"]
+        assert job["status"] == expected, job
+        assert quality["old"]["ndcg@10"] > 0.9  # the old space finds the right document for these queries
+        assert quality["old"]["queries"] == len(GATE_QUERIES)
+        if expected == "refused":
+            assert quality["passed"] is False
+            assert quality["new"]["ndcg@10"] < quality["old"]["ndcg@10"] - 0.01
+            assert "nDCG@10" in job["error"]
+            assert "margin" in job["error"]
+            assert active_space(engine)[0] == seed.old_space_id  # nothing switched
+            with session_scope(sessionmaker(engine)) as session:  # and the next check does not retry it
+                assert plan(session, Embedder(settings_of(env)).spec).created is False
+        else:
+            assert quality["passed"] is True
+            assert quality["new"]["ndcg@10"] == pytest.approx(quality["old"]["ndcg@10"])
+            assert active_space(engine)[0] != seed.old_space_id
