@@ -33,4 +33,5 @@ test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app workers tests benchmarks alembic
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy app workers

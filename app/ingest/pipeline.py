@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,6 +19,12 @@ from app.ingest.embed import embed_documents
 from app.reindex import spaces
 
 log = logging.getLogger(__name__)
+
+# Documents are written by this many threads, each document in its own transaction as before. Most of
+# a write is Postgres inserting the vectors into the HNSW indexes, one backend on one core while the
+# worker waits; two connections keep both cores of a small machine busy. Measured on SciFact (5,000
+# documents into indexed tables): store time 64 s -> 33 s. Every write locks only its own document.
+STORE_THREADS = 2
 
 
 @dataclass
@@ -73,19 +80,24 @@ class IngestPipeline:
         chunked_at = time.perf_counter()
         per_space = [(space_id, embed_documents(embedder, chunked)) for space_id, embedder in self._targets()]
         embedded = time.perf_counter()
-        for i, (doc, chunks) in enumerate(zip(ready, chunked, strict=True)):
+
+        def write(i: int) -> str:
+            doc = ready[i]
             try:
+                vectors = {sid: vecs[i] for sid, vecs in per_space}
                 with session_scope(self.factory) as session:
-                    written = store.write_document(session, doc, chunks, {sid: vecs[i] for sid, vecs in per_space})
+                    written = store.write_document(session, doc, chunked[i], vectors)
             except Exception as exc:
                 log.exception("storing failed for %s", doc.id)
                 self._fail(doc.id, f"storing failed: {exc}")
-                outcome.failed += 1
-                continue
-            if written:
-                outcome.indexed += 1
-            else:
-                outcome.skipped += 1
+                return "failed"
+            return "indexed" if written else "skipped"
+
+        with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ingest-store") as writers:
+            results = list(writers.map(write, range(len(ready))))
+        outcome.indexed += results.count("indexed")
+        outcome.failed += results.count("failed")
+        outcome.skipped += results.count("skipped")
         if job_id is not None:
             # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
             with session_scope(self.factory) as session:
