@@ -224,6 +224,8 @@ def up(
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, on_term)
     try:
         typer.echo("starting the worker and the API (loading the embedding model)...")
         _wait_ready(url, procs)
