@@ -1,4 +1,4 @@
-"""The `pgsage` command: run the service (up, api, worker, beat, migrate) and use it (ingest, search, ask, status)."""
+"""The `pgsage` command: run the service (up, api, worker, beat, migrate) and use it (ingest, search, ask, eval...)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ DEMO_QUESTION = "What happens when the embedding model changes?"
 UrlOpt = Annotated[str, typer.Option("--url", envvar="PGSAGE_URL", help="Where the pgsage API runs.")]
 CollectionOpt = Annotated[str, typer.Option("--collection", "-c", help="Collection name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON response.")]
+ModeOpt = Annotated[str | None, typer.Option("--mode", help="hybrid, dense or lexical (default: the server's).")]
+RerankOpt = Annotated[
+    str | None, typer.Option("--rerank", help="none, prf or cross-encoder:<model> (default: the server's).")
+]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -302,7 +306,8 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 
 
 def _ingest_files(
-    client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any], *, wait: bool
+    client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any], *, wait: bool,
+    err: bool = False,
 ) -> int:
     from tqdm import tqdm
 
@@ -343,12 +348,13 @@ def _ingest_files(
     failed = [e for s in states.values() for e in s["errors"]]
     typer.echo(
         f"{len(files)} files: {indexed} documents indexed, {unchanged} unchanged, "
-        f"{len(failed)} failed, {len(rejected)} files rejected"
+        f"{len(failed)} failed, {len(rejected)} files rejected",
+        err=err,
     )
-    for err in failed[:50]:
-        typer.echo(f"  failed {err['external_id']}: {err['error']}")
+    for failure in failed[:50]:
+        typer.echo(f"  failed {failure['external_id']}: {failure['error']}", err=err)
     for path, why in rejected:
-        typer.echo(f"  rejected {path}: {why}")
+        typer.echo(f"  rejected {path}: {why}", err=err)
     return len(failed) + len(rejected)
 
 
@@ -398,11 +404,14 @@ def search(
     filter_: Annotated[
         list[str] | None, typer.Option("--filter", help="Metadata filter key=value (repeatable).")
     ] = None,
+    mode: ModeOpt = None,
+    rerank: RerankOpt = None,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
-    """Show the chunks that best match a query."""
-    body = {"query": query, "k": k, "collection": collection, "filters": _parse_filters(filter_ or [])}
+    """Show the chunks that best match a query (one per document, its best)."""
+    body = {"query": query, "k": k, "collection": collection, "filters": _parse_filters(filter_ or []),
+            "mode": mode, "rerank": rerank}
     with _client(url) as client:
         result = _call(client, "POST", "/v1/search", json=body)
     if as_json:
@@ -430,12 +439,15 @@ def ask(
     question: Annotated[str, typer.Argument(help="Your question.")],
     k: Annotated[int, typer.Option("--k", "-k", help="How many chunks to read.")] = 5,
     collection: CollectionOpt = "default",
+    mode: ModeOpt = None,
+    rerank: RerankOpt = None,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
     """Answer a question from the documents, citing the chunks used."""
+    body = {"question": question, "k": k, "collection": collection, "mode": mode, "rerank": rerank}
     with _client(url) as client:
-        result = _call(client, "POST", "/v1/ask", json={"question": question, "k": k, "collection": collection})
+        result = _call(client, "POST", "/v1/ask", json=body)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -535,3 +547,95 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command(name="eval")
+def eval_(
+    folder: Annotated[Path, typer.Argument(help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")],
+    split: Annotated[str, typer.Option(help="The qrels split to score (qrels/SPLIT.tsv).")] = "test",
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection for the corpus (default: beir-FOLDER).")
+    ] = None,
+    mode: ModeOpt = None,
+    rerank: RerankOpt = None,
+    candidates: Annotated[int | None, typer.Option(help="Documents each retrieval leg brings in.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="convex or rrf.")] = None,
+    dense_weight: Annotated[float | None, typer.Option(help="Share of the dense leg in fusion (0-1).")] = None,
+    document_weight: Annotated[float | None, typer.Option(help="Weight of the document vector.")] = None,
+    bm25_k1: Annotated[float | None, typer.Option("--bm25-k1", help="BM25 k1.")] = None,
+    bm25_b: Annotated[float | None, typer.Option("--bm25-b", help="BM25 b.")] = None,
+    rerank_depth: Annotated[int | None, typer.Option(help="Candidates the reranker reads.")] = None,
+    prf_docs: Annotated[int | None, typer.Option(help="Feedback documents of the prf reranker.")] = None,
+    prf_beta: Annotated[float | None, typer.Option(help="Weight of the feedback centroid (prf).")] = None,
+    ef_search: Annotated[int | None, typer.Option(help="HNSW ef_search.")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="Score only the first N judged queries.")] = None,
+    as_json: JsonOpt = False,
+    url: UrlOpt = DEFAULT_URL,
+) -> None:
+    """Score retrieval on a labelled BEIR set through the running service (ingesting the corpus if needed).
+
+    Prints nDCG@10, Recall@10, Recall@100, MRR@10 and search latency p50/p95 (client-measured).
+    """
+    import statistics
+
+    from app.eval.beir import load_qrels, load_queries
+    from app.eval.metrics import evaluate
+
+    corpus = folder / "corpus.jsonl"
+    try:
+        qrels = load_qrels(folder, split)
+        queries = load_queries(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise typer.Exit(_fail(f"{folder} is not a readable BEIR folder: {exc}")) from None
+    if not corpus.is_file():
+        raise typer.Exit(_fail(f"{corpus} is missing"))
+    name = collection or "beir-" + "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in folder.resolve().name)
+    ids = [q for q in qrels if q in queries][:max_queries]
+    if not ids:
+        raise typer.Exit(_fail(f"no query of {split!r} has both a text and labels"))
+    knobs = {
+        "candidates": candidates, "fusion": fusion, "dense_weight": dense_weight,
+        "document_weight": document_weight, "bm25_k1": bm25_k1, "bm25_b": bm25_b,
+        "rerank_depth": rerank_depth, "prf_docs": prf_docs, "prf_beta": prf_beta,
+    }
+    body: dict[str, Any] = {"k": 100, "collection": name, "mode": mode, "rerank": rerank, "ef_search": ef_search,
+                            "retrieval": {k: v for k, v in knobs.items() if v is not None} or None}
+    with _client(url) as client:
+        lines = sum(1 for line in corpus.open(encoding="utf-8") if line.strip())
+        have = next((c for c in _call(client, "GET", "/v1/status")["collections"] if c["name"] == name), None)
+        if have is None or have["indexed"] < lines:
+            typer.echo(f"ingesting {corpus} into collection {name!r}...", err=True)
+            if _ingest_files(client, [corpus], name, {}, wait=True, err=True):
+                raise typer.Exit(_fail("the corpus did not ingest cleanly; see above"))
+        rankings: dict[str, list[str]] = {}
+        latencies: list[float] = []
+        from tqdm import tqdm
+
+        for qid in tqdm(ids, desc="queries", unit="q", disable=as_json):
+            started = time.perf_counter()
+            result = _call(client, "POST", "/v1/search", json={**body, "query": queries[qid]})
+            latencies.append((time.perf_counter() - started) * 1000)
+            rankings[qid] = [hit["external_id"] for hit in result["results"]]
+    scores = evaluate(rankings, {q: qrels[q] for q in ids})
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    out = {
+        "ndcg@10": round(scores["ndcg@10"], 4),
+        "recall@10": round(scores["recall@10"], 4),
+        "recall@100": round(scores["recall@100"], 4),
+        "mrr@10": round(scores["mrr@10"], 4),
+        "latency_ms_p50": round(cuts[49], 1),
+        "latency_ms_p95": round(cuts[94], 1),
+        "queries": len(ids),
+        "collection": name,
+        "split": split,
+        "mode": result["mode"],
+        "rerank": result["rerank"],
+        "retrieval": body["retrieval"] or {},
+    }
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{split}: {len(ids)} queries on {name} (mode {out['mode']}, rerank {out['rerank']})")
+    for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+        typer.echo(f"  {key:<11}{out[key]:.4f}")
+    typer.echo(f"  latency    p50 {out['latency_ms_p50']:.1f} ms, p95 {out['latency_ms_p95']:.1f} ms")

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # Ingestion.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
-    ingest_batch_documents: int = Field(default=64, ge=1, le=10_000)
+    ingest_batch_documents: int = Field(default=256, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)
 
     # Model lifecycle (re-indexing when the embedding model changes).
@@ -51,7 +51,20 @@ class Settings(BaseSettings):
     reindex_eval_margin: float = Field(default=0.01, ge=0, le=1)
     reindex_eval_max_queries: int = Field(default=300, ge=1)
 
-    # Retrieval and answers.
+    # Retrieval: dense (HNSW over chunk vectors) and lexical (BM25) legs, fused, then reranked.
+    search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    search_candidates: int = Field(default=100, ge=1, le=1000)
+    search_fusion: Literal["convex", "rrf"] = "convex"
+    search_dense_weight: float = Field(default=0.5, ge=0, le=1)
+    search_document_weight: float = Field(default=0.0, ge=0, le=10)
+    bm25_k1: float = Field(default=0.9, ge=0, le=10)
+    bm25_b: float = Field(default=0.4, ge=0, le=1)
+    rerank: str = "none"
+    rerank_depth: int = Field(default=30, ge=1, le=1000)
+    prf_docs: int = Field(default=3, ge=1, le=100)
+    prf_beta: float = Field(default=0.5, ge=0, le=10)
+
+    # HNSW and answers.
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)
     search_max_k: int = Field(default=100, ge=1, le=1000)

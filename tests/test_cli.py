@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -143,3 +144,61 @@ def test_every_command_has_help() -> None:
         )
         assert r.returncode == 0, (name, r.stderr)
         assert "Usage" in r.stdout
+
+
+def _beir_folder(root: Path) -> tuple[Path, dict[str, dict[str, int]]]:
+    """A small BEIR folder made of the shipped corpus: one document per file, three labelled queries."""
+    folder = root / "mini-beir"
+    (folder / "qrels").mkdir(parents=True)
+    with (folder / "corpus.jsonl").open("w") as f:
+        for path in sorted(CORPUS.iterdir()):
+            f.write(json.dumps({"_id": path.stem, "title": "", "text": path.read_text()}) + "\n")
+    queries = {"q1": "how fine to grind coffee for espresso", "q2": "what makes a volcano erupt",
+               "q3": "feeding a sourdough starter"}
+    qrels = {"q1": {"coffee": 1}, "q2": {"volcanoes": 2}, "q3": {"sourdough": 1, "photosynthesis": 0}}
+    with (folder / "queries.jsonl").open("w") as f:
+        for qid, q in queries.items():
+            f.write(json.dumps({"_id": qid, "text": q}) + "\n")
+    with (folder / "qrels" / "dev.tsv").open("w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, rels in qrels.items():
+            for doc, grade in rels.items():
+                f.write(f"{qid}\t{doc}\t{grade}\n")
+    return folder, qrels
+
+
+def test_eval_scores_a_beir_folder_through_the_service(
+    running: tuple[str, dict[str, str], str], tmp_path: Path
+) -> None:
+    from app.eval.metrics import evaluate
+
+    url, env, _ = running
+    folder, qrels = _beir_folder(tmp_path)
+    r = _pgsage("eval", str(folder), "--split", "dev", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"ndcg@10", "recall@10", "recall@100", "mrr@10", "latency_ms_p50", "latency_ms_p95"} <= set(out)
+    assert "ingesting" in r.stderr
+    assert out["collection"] == "beir-mini-beir"
+    assert out["queries"] == 3
+    # The same figures, computed here from the service's own rankings.
+    rankings = {}
+    for qid, query in {"q1": "how fine to grind coffee for espresso", "q2": "what makes a volcano erupt",
+                       "q3": "feeding a sourdough starter"}.items():
+        hits = httpx.post(f"{url}/v1/search", json={"query": query, "k": 100, "collection": out["collection"]}).json()
+        rankings[qid] = [h["external_id"] for h in hits["results"]]
+    expected = evaluate(rankings, qrels)
+    for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+        assert out[key] == pytest.approx(expected[key], abs=1e-4)
+    assert out["ndcg@10"] > 0.9  # three easy queries
+    assert 0 < out["latency_ms_p50"] <= out["latency_ms_p95"]
+
+    again = _pgsage("eval", str(folder), "--split", "dev", "--mode", "lexical", "--bm25-k1", "1.2", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "ingesting" not in again.stderr  # the corpus is already there
+    assert "mode lexical" in again.stdout
+    assert "ndcg@10" in again.stdout
+
+    missing = _pgsage("eval", str(folder), "--split", "nope", env=env)
+    assert missing.returncode == 1
+    assert "no qrels for split 'nope'" in missing.stderr

@@ -139,7 +139,7 @@ def test_filtered_results_are_the_true_nearest_neighbours(client: TestClient, co
     """Beyond the count: the results agree with an exact scan (no index) of the filtered rows."""
     k = 10
     with _WatchSQL(_api_engine(client)) as watch:
-        results = _search(client, corpus, k, {"group": 3})
+        results = _search(client, corpus, k, {"group": 3}, mode="dense")
     _, params = watch.search_statement()
     with corpus.engine.begin() as conn:
         conn.execute(text("SET LOCAL enable_indexscan = off"))  # no HNSW: a sequential scan and a sort
@@ -205,7 +205,7 @@ class _WatchSQL:
 
     def search_statement(self) -> tuple[str, Any]:
         """The nearest-neighbour query itself, with its parameters."""
-        found = [(s, p) for s, p in self.statements if "chunk_vectors" in s and "<=>" in s]
+        found = [(s, p) for s, p in self.statements if "WITH nearest AS" in s]
         assert len(found) == 1, self.statements
         return found[0]
 
@@ -221,8 +221,9 @@ def test_contrast_without_iterative_scan_hnsw_returns_fewer_than_k(
     checked too: the HNSW index is what gets walked, not an exact scan that would trivially find k.
     """
     k, filters = 10, {"group": 3}
+    # Dense mode: in the default hybrid mode the BM25 leg would find the filtered documents anyway.
     with _WatchSQL(_api_engine(client)) as watch:
-        full = _search(client, corpus, k, filters, ef_search=40)
+        full = _search(client, corpus, k, filters, ef_search=40, mode="dense")
     statement, params = watch.search_statement()
     with corpus.engine.begin() as conn:
         conn.execute(text("SELECT set_config('hnsw.ef_search', '40', true), "
@@ -232,7 +233,7 @@ def test_contrast_without_iterative_scan_hnsw_returns_fewer_than_k(
 
     off = ("'hnsw.iterative_scan', 'relaxed_order'", "'hnsw.iterative_scan', 'off'")
     with _WatchSQL(_api_engine(client), replace=off) as watch:
-        short = _search(client, corpus, k, filters, ef_search=40)
+        short = _search(client, corpus, k, filters, ef_search=40, mode="dense")
     assert watch.rewrites == 1, "the search no longer sets hnsw.iterative_scan the way this test expects"
     assert len(full) == k
     assert len(short) < k, len(short)  # typically 0-5 rows

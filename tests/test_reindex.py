@@ -333,7 +333,7 @@ def test_config_change_reindexes_by_itself(seed: Seed, redis_url: str, tmp_path:
                 space, results = search(client, "docs", query)
                 assert space == {"id": new_id, "fingerprint": new_fingerprint}
                 q, top = embedder.encode([query, results[0]["text"]])
-                assert results[0]["score"] == pytest.approx(cosine(q, top), abs=1e-5)
+                assert results[0]["similarity"] == pytest.approx(cosine(q, top), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

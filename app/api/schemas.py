@@ -34,6 +34,26 @@ def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+class RetrievalIn(_In):
+    """Per-request retrieval knobs; anything left out takes the server's setting."""
+
+    candidates: int | None = Field(default=None, ge=1, le=1000, description="Documents each leg brings in.")
+    fusion: Literal["convex", "rrf"] | None = Field(default=None, description="How the two legs are fused.")
+    dense_weight: float | None = Field(default=None, ge=0, le=1, description="Share of the dense leg in fusion.")
+    document_weight: float | None = Field(
+        default=None, ge=0, le=10, description="Weight of the document's single vector beside its best chunk."
+    )
+    bm25_k1: float | None = Field(default=None, ge=0, le=10)
+    bm25_b: float | None = Field(default=None, ge=0, le=1)
+    rerank_depth: int | None = Field(default=None, ge=1, le=1000, description="Candidates the reranker reads.")
+    prf_docs: int | None = Field(default=None, ge=1, le=100)
+    prf_beta: float | None = Field(default=None, ge=0, le=10)
+
+
+Mode = Literal["hybrid", "dense", "lexical"]
+RERANK_DESCRIPTION = "none, prf, or cross-encoder:<model name or path>; default: the server's setting."
+
+
 class SearchIn(_In):
     query: str = Field(min_length=1, description="The text to search for.")
     k: int = Field(default=10, ge=1, description="How many chunks to return.")
@@ -43,6 +63,9 @@ class SearchIn(_In):
         description="Metadata filters: {key: value} must match exactly; {key: [a, b]} matches any of them.",
     )
     ef_search: int | None = Field(default=None, ge=1, le=1000, description="HNSW ef_search for this query.")
+    mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
+    rerank: str | None = Field(default=None, max_length=500, description=RERANK_DESCRIPTION)
+    retrieval: RetrievalIn | None = None
 
     @field_validator("query")
     @classmethod
@@ -73,6 +96,8 @@ class AskIn(_In):
     k: int = Field(default=5, ge=1, le=50)
     collection: str = Field(default="default", min_length=1, max_length=64)
     filters: dict[str, Any] | None = None
+    mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
+    rerank: str | None = Field(default=None, max_length=500, description=RERANK_DESCRIPTION)
 
     @field_validator("question")
     @classmethod
@@ -100,7 +125,9 @@ class ChunkOut(BaseModel):
     title: str | None
     text: str
     ordinal: int
-    score: float
+    score: float = Field(description="The document's score in the ranking mode (fused, cosine or BM25).")
+    similarity: float = Field(description="Cosine similarity of this chunk to the query.")
+    rerank_score: float | None = None
     metadata: dict[str, Any]
 
 
@@ -116,6 +143,8 @@ class SearchOut(BaseModel):
     collection: str
     model: str
     space: SpaceRef
+    mode: Mode
+    rerank: str
     results: list[ChunkOut]
 
 

@@ -194,6 +194,7 @@ def write_document(
         for model_id, matrix in vectors.items():
             for cid, vec in zip(ids, matrix, strict=True):
                 copy.write_row((cid, model_id, doc.id, doc.collection_id, vec))
+    lexical_length = write_postings(session, doc.id, doc.collection_id)
     for model_id, matrix in vectors.items():
         session.execute(
             text(
@@ -205,10 +206,10 @@ def write_document(
         )
     session.execute(
         text(
-            "UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, "
+            "UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, lexical_length = :len, "
             "indexed_at = now(), updated_at = now() WHERE id = :id"
         ),
-        {"id": doc.id, "n": len(chunks)},
+        {"id": doc.id, "n": len(chunks), "len": lexical_length},
     )
     # Every job waiting on this document is settled, including one whose content was superseded.
     session.execute(
@@ -219,6 +220,39 @@ def write_document(
         {"d": doc.id},
     )
     return True
+
+
+def write_postings(session: Session, doc_id: uuid.UUID, collection: int) -> int:
+    """Replace the document's BM25 postings with those of its stored chunks; returns its length in terms.
+
+    Terms come from Postgres's English analyser (stop-words, Snowball stems). Each chunk contributes
+    only the text past the previous chunk's end, so the chunk overlap is not counted twice, and no
+    single to_tsvector call sees more than one chunk (a tsvector is limited to 1 MB).
+    """
+    session.execute(text("DELETE FROM lexical_postings WHERE document_id = :id"), {"id": doc_id})
+    length = session.execute(
+        text("""
+        WITH seg AS (
+            SELECT substr(d.content, greatest(c.char_start, coalesce(lag(c.char_end) OVER w, 0)) + 1,
+                          greatest(0, c.char_end - greatest(c.char_start, coalesce(lag(c.char_end) OVER w, 0))))
+                       AS txt
+              FROM chunks c JOIN documents d ON d.id = c.document_id
+             WHERE c.document_id = :id
+            WINDOW w AS (ORDER BY c.ordinal)
+        ), tf AS (
+            SELECT l.lexeme AS term, sum(array_length(l.positions, 1))::int AS tf
+              FROM seg s, unnest(to_tsvector('pg_catalog.english', s.txt)) l
+             GROUP BY 1
+        ), ins AS (
+            INSERT INTO lexical_postings (collection_id, term, document_id, tf, doc_length)
+            SELECT :cid, term, :id, tf, sum(tf) OVER () FROM tf
+            RETURNING doc_length
+        )
+        SELECT coalesce(max(doc_length), 0) FROM ins
+        """),
+        {"id": doc_id, "cid": collection},
+    ).scalar_one()
+    return int(length)
 
 
 def _document_vector(matrix: np.ndarray) -> str:

@@ -1,7 +1,7 @@
 """Typed SQLAlchemy models; importing this module registers every table on Base.metadata."""
 
 from app.models.collection import Collection
-from app.models.document import Chunk, Document
+from app.models.document import Chunk, Document, LexicalPosting
 from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel
 from app.models.job import Job, JobDocument
 from app.models.reindex import ReindexJob
@@ -15,5 +15,6 @@ __all__ = [
     "EmbeddingModel",
     "Job",
     "JobDocument",
+    "LexicalPosting",
     "ReindexJob",
 ]

@@ -48,6 +48,8 @@ class Document(Timestamps, Base):
     status: Mapped[str] = mapped_column(Text, server_default="queued")
     error: Mapped[str | None] = mapped_column(Text)
     chunk_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Word count after stop-words (the BM25 document length); 0 until indexed.
+    lexical_length: Mapped[int] = mapped_column(Integer, server_default="0")
     indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -67,3 +69,18 @@ class Chunk(Base):
     token_count: Mapped[int] = mapped_column(Integer)
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
+
+
+class LexicalPosting(Base):
+    """One term of one document for BM25: its frequency and the document's length."""
+
+    __tablename__ = "lexical_postings"
+    __table_args__ = (Index("ix_lexical_postings_document", "document_id"),)
+
+    collection_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    term: Mapped[str] = mapped_column(Text, primary_key=True)
+    document_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True
+    )
+    tf: Mapped[int] = mapped_column(Integer)
+    doc_length: Mapped[int] = mapped_column(Integer)

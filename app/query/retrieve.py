@@ -1,4 +1,4 @@
-"""Retrieve: every SQL statement of the question path (dense chunk search over HNSW)."""
+"""Retrieve: every SQL statement of the question path: dense (HNSW over chunks), lexical (BM25), signals."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ class Hit:
     ordinal: int
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Cosine similarity of the chunk to the query (the score of a dense hit); answers use it to
+    # decide whether anything relevant was found, whatever the ranking mode.
+    similarity: float | None = None
+    rerank_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.similarity is None:
+            self.similarity = self.score
 
 
 def vector_literal(vec: np.ndarray) -> str:
@@ -102,3 +110,146 @@ def dense_chunks(
         Hit(r.chunk_id, r.document_id, r.external_id, r.title, r.text, r.ordinal, float(r.score), r.metadata or {})
         for r in rows
     ]
+
+
+# --- lexical leg: BM25 over lexical_postings -----------------------------------------------------
+
+# Postgres's English analyser (stop-words, Snowball stems): the same one the store indexes with.
+TEXT_SEARCH_CONFIG = "pg_catalog.english"
+
+
+def lexical_documents(
+    session: Session,
+    query: str,
+    collection_id: int,
+    n: int,
+    *,
+    k1: float,
+    b: float,
+    filters: dict[str, Any] | None = None,
+    within: list[uuid.UUID] | None = None,
+) -> list[tuple[uuid.UUID, float]]:
+    """The n best documents by BM25 (Lucene's IDF), best first; `within` scores only those documents.
+
+    IDF and the average length come from the collection's live postings, so they follow every
+    document that arrives or leaves.
+    """
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "n": n, "k1": k1, "b": b}
+    where = _filter_sql(filters, params)
+    join = " JOIN documents d ON d.id = p.document_id" if where else ""
+    if within is not None:
+        params["ids"] = within
+        where += " AND p.document_id = ANY(:ids)"
+    rows = session.execute(
+        text(f"""
+        WITH q AS (
+            SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
+        ), stats AS (
+            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
+              FROM documents WHERE collection_id = :cid AND lexical_length > 0
+        ), idf AS (
+            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+              FROM q CROSS JOIN stats s
+              JOIN lexical_postings p ON p.collection_id = :cid AND p.term = q.term
+             GROUP BY q.term, s.n
+        )
+        SELECT p.document_id,
+               sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.doc_length / s.avgdl))) AS score
+          FROM lexical_postings p
+          JOIN idf i ON i.term = p.term
+         CROSS JOIN stats s{join}
+         WHERE p.collection_id = :cid{where}
+         GROUP BY p.document_id
+         ORDER BY score DESC, p.document_id
+         LIMIT :n
+        """),
+        params,
+    ).all()
+    return [(r.document_id, float(r.score)) for r in rows]
+
+
+# --- dense signals of candidate documents ---------------------------------------------------------
+
+
+@dataclass
+class DenseSignals:
+    """A document's exact similarities to the query: its chunks' and its single vector's."""
+
+    chunk_ids: list[int] = field(default_factory=list)
+    chunk_sims: list[float] = field(default_factory=list)
+    document_sim: float | None = None
+
+    @property
+    def best(self) -> tuple[int | None, float]:
+        if not self.chunk_sims:
+            return None, float("-inf")
+        i = max(range(len(self.chunk_sims)), key=self.chunk_sims.__getitem__)
+        return self.chunk_ids[i], self.chunk_sims[i]
+
+
+def dense_signals(
+    session: Session, space: EmbeddingModel, query: np.ndarray, documents: list[uuid.UUID]
+) -> dict[uuid.UUID, DenseSignals]:
+    """Exact cosine similarity of the query to every chunk and to the single vector of each document."""
+    if not documents:
+        return {}
+    dim, mid = int(space.dimension), int(space.id)
+    rows = session.execute(
+        text(f"""
+        SELECT cv.document_id, cv.chunk_id,
+               1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
+          FROM chunk_vectors cv
+         WHERE cv.model_id = {mid} AND cv.document_id = ANY(:ids)
+        UNION ALL
+        SELECT dv.document_id, NULL, 1 - ((dv.embedding::vector({dim})) <=> CAST(:q AS vector({dim})))
+          FROM document_vectors dv
+         WHERE dv.model_id = {mid} AND dv.document_id = ANY(:ids)
+        """),
+        {"q": vector_literal(query), "ids": documents},
+    ).all()
+    out: dict[uuid.UUID, DenseSignals] = {}
+    for r in rows:
+        sig = out.setdefault(r.document_id, DenseSignals())
+        if r.chunk_id is None:
+            sig.document_sim = float(r.sim)
+        else:
+            sig.chunk_ids.append(int(r.chunk_id))
+            sig.chunk_sims.append(float(r.sim))
+    return out
+
+
+def chunk_hits(session: Session, picks: list[tuple[int, float, float]]) -> list[Hit]:
+    """Hits for (chunk id, score, similarity) picks, in the order given."""
+    if not picks:
+        return []
+    rows = session.execute(
+        text("""
+        SELECT c.id, c.document_id, c.text, c.ordinal, d.external_id, d.title, d.metadata
+          FROM chunks c JOIN documents d ON d.id = c.document_id
+         WHERE c.id = ANY(:ids)
+        """),
+        {"ids": [p[0] for p in picks]},
+    ).all()
+    by_id = {r.id: r for r in rows}
+    hits = []
+    for chunk_id, score, similarity in picks:
+        r = by_id.get(chunk_id)
+        if r is None:  # deleted between the scoring and this read
+            continue
+        hits.append(Hit(r.id, r.document_id, r.external_id, r.title, r.text, r.ordinal, score,
+                        r.metadata or {}, similarity))
+    return hits
+
+
+def document_vectors(session: Session, space: EmbeddingModel, documents: list[uuid.UUID]) -> np.ndarray:
+    """The single vectors of these documents in this space (rows in no particular order)."""
+    if not documents:
+        return np.zeros((0, int(space.dimension)), dtype=np.float32)
+    rows = session.execute(
+        text(f"SELECT embedding::text AS v FROM document_vectors WHERE model_id = {int(space.id)} "
+             "AND document_id = ANY(:ids)"),
+        {"ids": documents},
+    ).scalars().all()
+    if not rows:
+        return np.zeros((0, int(space.dimension)), dtype=np.float32)
+    return np.array([np.array(r.strip("[]").split(","), dtype=np.float32) for r in rows])

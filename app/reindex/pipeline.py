@@ -162,7 +162,7 @@ class ReindexPipeline:
             space = conn.execute(
                 text("SELECT id, dimension FROM embedding_models WHERE id = :i"), {"i": space_id}
             ).one()
-            for table in spaces.VECTOR_TABLES:
+            for table in spaces.HNSW_TABLES:
                 name = spaces.index_name(table, space.id)
                 valid = conn.execute(
                     text(

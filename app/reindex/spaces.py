@@ -17,6 +17,9 @@ from app.models import EmbeddingModel, ReindexJob
 
 log = logging.getLogger(__name__)
 VECTOR_TABLES = ("chunk_vectors", "document_vectors")
+# Only the chunk table is searched through an index; a document's single vector is read by primary key
+# for the candidates being scored, so an HNSW index on it would only slow every write.
+HNSW_TABLES = ("chunk_vectors",)
 
 
 def register(session: Session, spec: ModelSpec) -> EmbeddingModel:
@@ -81,8 +84,8 @@ def index_statement(table: str, space_id: int, dimension: int, *, concurrently: 
 
 
 def build_index(session: Session, space: EmbeddingModel) -> None:
-    """Create the space's HNSW indexes on the chunk and document vector tables (in this transaction)."""
-    for table in VECTOR_TABLES:
+    """Create the space's HNSW index on the chunk vector table (in this transaction)."""
+    for table in HNSW_TABLES:
         session.execute(text(index_statement(table, space.id, space.dimension)))
 
 

@@ -14,12 +14,18 @@ router = APIRouter(prefix="/v1", tags=["search"])
 @router.post("/search", response_model=SearchOut, summary="Ranked chunks for a query")
 def search(body: SearchIn, session: SessionDep, resources: ResourcesDep) -> SearchOut:
     pipeline = resources.query
-    result = pipeline.search(session, SearchRequest(body.query, body.k, body.collection, body.filters, body.ef_search))
+    overrides = body.retrieval.model_dump(exclude_none=True) if body.retrieval else {}
+    overrides.update(mode=body.mode, rerank=body.rerank)
+    result = pipeline.search(
+        session, SearchRequest(body.query, body.k, body.collection, body.filters, body.ef_search, overrides)
+    )
     return SearchOut(
         query=body.query,
         collection=body.collection,
         model=result.space.name,
         space=SpaceRef(id=result.space.id, fingerprint=result.space.fingerprint),
+        mode=result.retrieval.mode,
+        rerank=result.retrieval.rerank,
         results=[
             ChunkOut(
                 chunk_id=h.chunk_id,
@@ -29,6 +35,8 @@ def search(body: SearchIn, session: SessionDep, resources: ResourcesDep) -> Sear
                 text=h.text,
                 ordinal=h.ordinal,
                 score=round(h.score, 6),
+                similarity=round(h.similarity or 0.0, 6),
+                rerank_score=None if h.rerank_score is None else round(h.rerank_score, 6),
                 metadata=h.metadata,
             )
             for h in result.hits
@@ -38,5 +46,7 @@ def search(body: SearchIn, session: SessionDep, resources: ResourcesDep) -> Sear
 
 @router.post("/ask", response_model=AskOut, summary="An answer with citations to the chunks it used")
 def ask(body: AskIn, session: SessionDep, resources: ResourcesDep) -> AskOut:
-    answer = resources.query.ask(session, SearchRequest(body.question, body.k, body.collection, body.filters))
+    request = SearchRequest(body.question, body.k, body.collection, body.filters,
+                            overrides={"mode": body.mode, "rerank": body.rerank})
+    answer = resources.query.ask(session, request)
     return AskOut.model_validate({"answer": answer.answer, "mode": answer.mode, "citations": answer.citations})
