@@ -541,14 +541,6 @@ def reindex(
             raise typer.Exit(1)
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @app.command(name="eval")
 def eval_(
     folder: Annotated[Path, typer.Argument(help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")],
@@ -559,7 +551,7 @@ def eval_(
     mode: ModeOpt = None,
     rerank: RerankOpt = None,
     candidates: Annotated[int | None, typer.Option(help="Documents each retrieval leg brings in.")] = None,
-    fusion: Annotated[str | None, typer.Option(help="convex or rrf.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="zscore, convex or rrf.")] = None,
     dense_weight: Annotated[float | None, typer.Option(help="Share of the dense leg in fusion (0-1).")] = None,
     document_weight: Annotated[float | None, typer.Option(help="Weight of the document vector.")] = None,
     bm25_k1: Annotated[float | None, typer.Option("--bm25-k1", help="BM25 k1.")] = None,
@@ -639,3 +631,11 @@ def eval_(
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         typer.echo(f"  {key:<11}{out[key]:.4f}")
     typer.echo(f"  latency    p50 {out['latency_ms_p50']:.1f} ms, p95 {out['latency_ms_p95']:.1f} ms")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     # Retrieval: dense (HNSW over chunk vectors) and lexical (BM25) legs, fused, then reranked.
     search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
     search_candidates: int = Field(default=100, ge=1, le=1000)
-    search_fusion: Literal["convex", "rrf"] = "convex"
+    # Defaults chosen on the SciFact train split (benchmarks/retrieval_tuning.py, BENCHMARKS.md).
+    search_fusion: Literal["zscore", "convex", "rrf"] = "zscore"
     search_dense_weight: float = Field(default=0.5, ge=0, le=1)
-    search_document_weight: float = Field(default=0.0, ge=0, le=10)
+    search_document_weight: float = Field(default=0.5, ge=0, le=10)
     bm25_k1: float = Field(default=0.9, ge=0, le=10)
     bm25_b: float = Field(default=0.4, ge=0, le=1)
     rerank: str = "none"

@@ -133,7 +133,7 @@ def configs() -> list[dict[str, Any]]:
     for w in DOC_WEIGHTS:
         out.append({"mode": "dense", "bm25_k1": 0.9, "bm25_b": 0.4, "fusion": "-", "dense_weight": 1.0,
                     "document_weight": w})
-    for (k1, b), dw, w, fusion in itertools.product(K1B, DENSE_WEIGHTS, DOC_WEIGHTS, ["convex", "rrf"]):
+    for (k1, b), dw, w, fusion in itertools.product(K1B, DENSE_WEIGHTS, DOC_WEIGHTS, ["zscore", "convex", "rrf"]):
         out.append({"mode": "hybrid", "bm25_k1": k1, "bm25_b": b, "fusion": fusion, "dense_weight": dw,
                     "document_weight": w})
     return out

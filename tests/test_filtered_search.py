@@ -220,10 +220,14 @@ def test_contrast_without_iterative_scan_hnsw_returns_fewer_than_k(
     the filter. That is the failure iterative scans prevent. The plan of the search statement is
     checked too: the HNSW index is what gets walked, not an exact scan that would trivially find k.
     """
-    k, filters = 10, {"group": 3}
-    # Dense mode: in the default hybrid mode the BM25 leg would find the filtered documents anyway.
+    k, filters = 5, {"group": 3}
+    # Dense mode: in the default hybrid mode the BM25 leg would find the filtered documents anyway. A
+    # small candidate pool (the leg asks for 2 chunks per candidate: LIMIT 10) keeps the planner on the
+    # index; for a larger LIMIT it rightly prefers an exact scan of the 200 filtered rows, which always
+    # returns k and is not what this test is about.
+    knobs = {"mode": "dense", "retrieval": {"candidates": 5}}
     with _WatchSQL(_api_engine(client)) as watch:
-        full = _search(client, corpus, k, filters, ef_search=40, mode="dense")
+        full = _search(client, corpus, k, filters, ef_search=40, **knobs)
     statement, params = watch.search_statement()
     with corpus.engine.begin() as conn:
         conn.execute(text("SELECT set_config('hnsw.ef_search', '40', true), "
@@ -233,7 +237,7 @@ def test_contrast_without_iterative_scan_hnsw_returns_fewer_than_k(
 
     off = ("'hnsw.iterative_scan', 'relaxed_order'", "'hnsw.iterative_scan', 'off'")
     with _WatchSQL(_api_engine(client), replace=off) as watch:
-        short = _search(client, corpus, k, filters, ef_search=40, mode="dense")
+        short = _search(client, corpus, k, filters, ef_search=40, **knobs)
     assert watch.rewrites == 1, "the search no longer sets hnsw.iterative_scan the way this test expects"
     assert len(full) == k
     assert len(short) < k, len(short)  # typically 0-5 rows

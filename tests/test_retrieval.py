@@ -98,10 +98,13 @@ def test_long_documents_count_each_word_once_despite_chunk_overlap(
     engine = create_engine(settings.database_url or "")
     try:
         with engine.connect() as conn:
+            # The reference counts sentence by sentence: one tsvector of the whole text would cap each
+            # term at 256 positions (here "widget" occurs 300 times).
             row = conn.execute(text("""
                 SELECT d.chunk_count, d.lexical_length,
-                       (SELECT sum(array_length(positions, 1))
-                          FROM unnest(to_tsvector('pg_catalog.english', d.content))) AS whole
+                       (SELECT sum(array_length(l.positions, 1))
+                          FROM regexp_split_to_table(d.content, '[.] +') s,
+                               unnest(to_tsvector('pg_catalog.english', s)) l) AS whole
                   FROM documents d JOIN collections c ON c.id = d.collection_id
                  WHERE c.name = :c AND d.external_id = 'long'"""), {"c": collection}).one()
     finally:
@@ -180,6 +183,21 @@ def test_convex_fusion_is_a_weighted_sum_of_min_max_scores() -> None:
         assert c.score == pytest.approx(expected[c.document_id.int])
     only_dense = fuse(_cands(), method="convex", dense_weight=1.0, document_weight=0.0)
     assert [c.document_id.int for c in only_dense] == [0, 2, 1, 3]
+
+
+def test_zscore_fusion_standardises_each_leg() -> None:
+    out = fuse(_cands(), method="zscore", dense_weight=0.5, document_weight=0.0)
+    dense, lexical = [0.9, 0.7, 0.8, 0.5], [0.0, 10.0, 5.0, 1.0]
+
+    def z(values: list[float]) -> list[float]:
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        return [(v - mean) / std for v in values]
+
+    expected = {i: 0.5 * a + 0.5 * b for i, (a, b) in enumerate(zip(z(dense), z(lexical), strict=True))}
+    for c in out:
+        assert c.score == pytest.approx(expected[c.document_id.int])
+    assert [c.document_id.int for c in out] == sorted(expected, key=lambda i: -expected[i])
 
 
 def test_rrf_fusion_and_document_weight() -> None:

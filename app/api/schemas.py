@@ -38,7 +38,9 @@ class RetrievalIn(_In):
     """Per-request retrieval knobs; anything left out takes the server's setting."""
 
     candidates: int | None = Field(default=None, ge=1, le=1000, description="Documents each leg brings in.")
-    fusion: Literal["convex", "rrf"] | None = Field(default=None, description="How the two legs are fused.")
+    fusion: Literal["zscore", "convex", "rrf"] | None = Field(
+        default=None, description="How the two legs are fused."
+    )
     dense_weight: float | None = Field(default=None, ge=0, le=1, description="Share of the dense leg in fusion.")
     document_weight: float | None = Field(
         default=None, ge=0, le=10, description="Weight of the document's single vector beside its best chunk."

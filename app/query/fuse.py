@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Fusion = Literal["convex", "rrf"]
+Fusion = Literal["zscore", "convex", "rrf"]
 RRF_K = 60
 
 
@@ -42,6 +42,16 @@ def _minmax(values: Sequence[float]) -> list[float]:
     return [((v - lo) / span if span > 0 else 1.0) if math.isfinite(v) else 0.0 for v in values]
 
 
+def _zscore(values: Sequence[float]) -> list[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return [0.0] * len(values)
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) or 1.0
+    low = (min(finite) - mean) / std
+    return [(v - mean) / std if math.isfinite(v) else low for v in values]
+
+
 def _ranks(values: Sequence[float]) -> list[int]:
     order = sorted(range(len(values)), key=lambda i: -values[i])
     ranks = [0] * len(values)
@@ -55,8 +65,10 @@ def fuse(
 ) -> list[Candidate]:
     """Candidates sorted by fused score, best first (ties by document id, so results are stable).
 
-    convex: dense_weight * minmax(dense) + (1 - dense_weight) * minmax(BM25) over the candidates.
-    rrf: reciprocal-rank fusion, sum of 1 / (60 + rank) over the two legs' full rankings.
+    zscore: dense_weight * z(dense) + (1 - dense_weight) * z(BM25), each leg standardised over the
+    candidates (mean 0, standard deviation 1), so one outlier does not squash the rest as min-max does.
+    convex: the same weighted sum of min-max scaled scores.
+    rrf: reciprocal-rank fusion, weighted sum of 1 / (60 + rank) over the two legs' full rankings.
     """
     if not candidates:
         return []
@@ -67,7 +79,8 @@ def fuse(
         for c, a, b, lex in zip(candidates, dr, lr, lexical, strict=True):
             c.score = dense_weight / (RRF_K + a) + ((1 - dense_weight) / (RRF_K + b) if lex > 0 else 0.0)
     else:
-        for c, x, y in zip(candidates, _minmax(dense), _minmax(lexical), strict=True):
+        scale = _zscore if method == "zscore" else _minmax
+        for c, x, y in zip(candidates, scale(dense), scale(lexical), strict=True):
             c.score = dense_weight * x + (1 - dense_weight) * y
     return sorted(candidates, key=lambda c: (-c.score, str(c.document_id)))
 

@@ -30,9 +30,9 @@ class Retrieval:
 
     mode: Mode = "hybrid"
     candidates: int = 100
-    fusion: Fusion = "convex"
+    fusion: Fusion = "zscore"
     dense_weight: float = 0.5
-    document_weight: float = 0.0
+    document_weight: float = 0.5
     bm25_k1: float = 0.9
     bm25_b: float = 0.4
     rerank: str = "none"

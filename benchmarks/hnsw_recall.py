@@ -1,0 +1,106 @@
+"""HNSW recall: the share of the exact top-10 chunks that the HNSW index returns, per query, averaged.
+
+For every query of a BEIR split, the service's own dense search (app.query.retrieve.dense_chunks,
+through the active space's partial HNSW index, at the configured ef_search unless --ef-search is
+given) is compared with an exact scan of the same rows (index scans turned off, so Postgres computes
+every distance and sorts). Recall@10 = |HNSW top 10 ∩ exact top 10| / 10.
+
+    DATABASE_URL=... python benchmarks/hnsw_recall.py --collection beir-scifact --split train
+
+The corpus must already be ingested (`pgsage eval DIR --split train` does that through the service).
+Target: at least 0.98 at the default ef_search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sqlalchemy import text  # noqa: E402
+
+from app.config import Settings  # noqa: E402
+from app.db.session import make_engine, make_sessionmaker, session_scope  # noqa: E402
+from app.embedding import Embedder  # noqa: E402
+from app.eval.beir import load_qrels, load_queries  # noqa: E402
+from app.ingest.store import collection_id  # noqa: E402
+from app.query import retrieve  # noqa: E402
+from app.reindex import spaces  # noqa: E402
+
+DEFAULT_DIR = ROOT.parent / "shared" / "data" / "scifact"
+TARGET = 0.98
+K = 10
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--collection", default="beir-scifact")
+    parser.add_argument("--ef-search", type=int, nargs="*", default=None,
+                        help="ef_search values to measure (default: the configured one)")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    if not settings.database_url:
+        parser.error("set DATABASE_URL to the database holding the ingested collection")
+    efs = args.ef_search or [settings.hnsw_ef_search]
+
+    engine = make_engine(settings, pool_size=1)
+    factory = make_sessionmaker(engine)
+    embedder = Embedder(settings)
+    qrels = load_qrels(args.dir, args.split)
+    queries = load_queries(args.dir)
+    ids = [q for q in qrels if q in queries]
+    vectors = embedder.encode([queries[q] for q in ids])
+    with session_scope(factory) as session:
+        cid = collection_id(session, args.collection)
+        space = spaces.active(session)
+        assert space is not None, "no active embedding space"
+        dim, mid = int(space.dimension), int(space.id)
+        exact: list[set[int]] = []
+        started = time.perf_counter()
+        for vec in vectors:
+            session.execute(text("SET LOCAL enable_indexscan = off"))
+            session.execute(text("SET LOCAL enable_bitmapscan = off"))
+            rows = session.execute(text(f"""
+                SELECT chunk_id FROM chunk_vectors
+                 WHERE model_id = {mid} AND collection_id = :c
+                 ORDER BY (embedding::vector({dim})) <=> CAST(:q AS vector({dim})) LIMIT {K}"""),
+                {"c": cid, "q": retrieve.vector_literal(vec)}).scalars().all()
+            exact.append(set(rows))
+            session.execute(text("RESET enable_indexscan"))
+            session.execute(text("RESET enable_bitmapscan"))
+        exact_s = time.perf_counter() - started
+        print(f"{len(ids)} queries of {args.split}; exact scans {exact_s / len(ids) * 1000:.1f} ms each; "
+              f"space {mid} ({space.name}, {dim} dims)")
+        ok = True
+        for ef in efs:
+            recalls, times = [], []
+            for vec, truth in zip(vectors, exact, strict=True):
+                t0 = time.perf_counter()
+                hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=ef,
+                                             max_scan_tuples=settings.hnsw_max_scan_tuples)
+                times.append((time.perf_counter() - t0) * 1000)
+                recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
+            recall = statistics.fmean(recalls)
+            perfect = sum(1 for r in recalls if r == 1.0)
+            print(f"ef_search {ef:>4}: recall@10 {recall:.4f} ({perfect}/{len(recalls)} queries perfect), "
+                  f"HNSW query {statistics.median(times):.1f} ms median")
+            if ef == settings.hnsw_ef_search:
+                ok = recall >= TARGET
+                print(f"default ef_search {ef}: {'OK' if ok else 'BELOW'} (target >= {TARGET})")
+    engine.dispose()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
