@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
 
+    @field_validator("rerank")
+    @classmethod
+    def _reranker(cls, v: str) -> str:
+        if v in ("none", "prf") or (v.startswith("cross-encoder:") and len(v) > len("cross-encoder:")):
+            return v
+        raise ValueError("PGSAGE_RERANK must be none, prf or cross-encoder:<model name or path>")
+
     @field_validator("llm_api_key", mode="before")
     @classmethod
     def _empty_key(cls, v: object) -> object:
