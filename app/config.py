@@ -82,6 +82,9 @@ class Settings(BaseSettings):
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # Worker processes lower their CPU priority by this much, so that on a shared machine questions
+    # (the API) are answered promptly while ingestion and re-indexing take the CPU left over.
+    worker_nice: int = Field(default=10, ge=0, le=19)
     queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

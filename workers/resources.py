@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ def resources() -> WorkerResources:
     with _lock:
         if _resources is None:
             settings = get_settings()
+            if settings.worker_nice:
+                os.nice(settings.worker_nice)
             engine = make_engine(settings, pool_size=3)
             factory = make_sessionmaker(engine)
             embedders = EmbedderPool(settings)
