@@ -157,8 +157,12 @@ class QueryPipeline:
                 session, space, [c.document_id for c in ranked_candidates[: opts.prf_docs]]
             )
             moved = rocchio(qvec, feedback, opts.prf_beta)
+            original = {c.document_id: (c.chunk_id, c.chunk_sim) for c in candidates}
             candidates = self._candidates(session, space, moved, ids, lexical)
             ranked_candidates = self._rank(candidates, opts)
+            for c in ranked_candidates:
+                # Ranked by the moved query, but shown by the chunk nearest the question as asked.
+                c.chunk_id, c.chunk_sim = original.get(c.document_id, (c.chunk_id, c.chunk_sim))
         rerank_scores: dict[uuid.UUID, float] = {}
         if opts.rerank.startswith("cross-encoder:"):
             ranked_candidates, rerank_scores = self._cross_encode(session, req.query, ranked_candidates, opts)
