@@ -97,7 +97,9 @@ class Settings(BaseSettings):
     @field_validator("rerank")
     @classmethod
     def _reranker(cls, v: str) -> str:
-        if v in ("none", "prf") or (v.startswith("cross-encoder:") and len(v) > len("cross-encoder:")):
+        from app.query.rerank import is_known
+
+        if is_known(v):
             return v
         raise ValueError("PGSAGE_RERANK must be none, prf or cross-encoder:<model name or path>")
 

@@ -28,18 +28,18 @@ CHUNKS_PER_CANDIDATE = 2
 class Retrieval:
     """The retrieval knobs of one query; defaults come from Settings, a request may override any."""
 
-    mode: Mode = "hybrid"
-    candidates: int = 100
-    fusion: Fusion = "zscore"
-    dense_weight: float = 0.5
-    document_weight: float = 0.5
-    bm25_k1: float = 0.9
-    bm25_b: float = 0.4
-    rerank: str = "none"
-    rerank_depth: int = 30
-    prf_docs: int = 3
-    prf_beta: float = 0.5
-    ef_search: int = 100
+    mode: Mode
+    candidates: int
+    fusion: Fusion
+    dense_weight: float
+    document_weight: float
+    bm25_k1: float
+    bm25_b: float
+    rerank: str
+    rerank_depth: int
+    prf_docs: int
+    prf_beta: float
+    ef_search: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Retrieval:

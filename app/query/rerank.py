@@ -60,6 +60,11 @@ def rocchio(query: np.ndarray, feedback: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+def is_known(name: str) -> bool:
+    """Whether a reranker name is one pgsage can build (none, prf, cross-encoder:<model>)."""
+    return name in ("none", "prf") or (name.startswith("cross-encoder:") and len(name) > len("cross-encoder:"))
+
+
 class RerankerPool:
     """Rerankers by name, each built on first use and kept for the life of the process."""
 
@@ -71,7 +76,7 @@ class RerankerPool:
     @staticmethod
     def check(name: str) -> str:
         """The name if it is one pgsage knows, else a 422."""
-        if name in ("none", "prf") or (name.startswith("cross-encoder:") and len(name) > len("cross-encoder:")):
+        if is_known(name):
             return name
         raise BadInput(f"unknown reranker {name!r}: use none, prf or cross-encoder:<model name or path>")
 
