@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
 
@@ -234,8 +236,9 @@ def up(
         typer.echo("starting the worker and the API (loading the embedding model)...")
         _wait_ready(url, procs)
         typer.echo(f"pgsage is up at {url}  (API docs: {url}/docs)")
+        _first_key_hint(env.get("PGSAGE_DATABASE_URL"), data_dir)
         if demo:
-            _demo(url)
+            _demo(url, env.get("PGSAGE_DATABASE_URL"))
         if exit_after_demo:
             return
         typer.echo("press Ctrl-C to stop")
@@ -248,15 +251,25 @@ def up(
         stop()
 
 
-def _demo(url: str) -> None:
+def _demo(url: str, database: str | None) -> None:
+    """Ingest the bundled docs and ask a question, with a key for 'docs' made for the demo and revoked after."""
+    from app import keys
+
     files = sorted(SAMPLES.glob("*.md"))
     typer.echo(f"\ningesting {len(files)} bundled documents into collection 'docs'...")
-    with _client(url) as client:
-        failures = _ingest_files(client, files, "docs", {}, wait=True)
-        if failures:
-            raise typer.Exit(1)
-        typer.echo(f"\n$ pgsage ask --collection docs {json.dumps(DEMO_QUESTION)}")
-        _print_answer(_call(client, "POST", "/v1/ask", json={"question": DEMO_QUESTION, "collection": "docs"}))
+    with _key_database(database) as factory:
+        with factory.begin() as session:
+            row, key = keys.create(session, "pgsage up demo", "write", ["docs"])
+        try:
+            with _client(url, key) as client:
+                failures = _ingest_files(client, files, "docs", {}, wait=True)
+                if failures:
+                    raise typer.Exit(1)
+                typer.echo(f"\n$ pgsage ask --collection docs {json.dumps(DEMO_QUESTION)}")
+                _print_answer(_call(client, "POST", "/v1/ask", json={"question": DEMO_QUESTION, "collection": "docs"}))
+        finally:
+            with factory.begin() as session:
+                keys.revoke(session, str(row["id"]))
 
 
 # ---------------------------------------------------------------- talking to the service
@@ -267,8 +280,10 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0))
+def _client(url: str, key: str | None = None) -> httpx.Client:
+    key = key or os.environ.get("PGSAGE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0), headers=headers)
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
@@ -291,6 +306,8 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
             message = message if isinstance(message, str) else json.dumps(detail)
         except ValueError:
             message = response.text[:500]
+        if response.status_code == 401:
+            message += "; set PGSAGE_API_KEY to a key from `pgsage keys create`"
         raise typer.Exit(_fail(f"{response.status_code}: {message}"))
     return response.json() if response.content else None
 
@@ -631,6 +648,119 @@ def eval_(
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         typer.echo(f"  {key:<11}{out[key]:.4f}")
     typer.echo(f"  latency    p50 {out['latency_ms_p50']:.1f} ms, p95 {out['latency_ms_p95']:.1f} ms")
+
+
+# ---------------------------------------------------------------- API keys (on the database directly)
+
+keys_app = typer.Typer(
+    help="API keys: create, list, revoke. Works on the database directly (DATABASE_URL, or the embedded one).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@contextmanager
+def _key_database(url: str | None = None) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the configured database, migrated; an embedded server started here is stopped after."""
+    from app.db.session import database_url, make_engine, make_sessionmaker
+
+    settings = get_settings()
+    pgdata = settings.data_dir.resolve() / "pg"
+    started_here = url is None and settings.database_url is None and not (pgdata / "postmaster.pid").exists()
+    url = url or database_url(settings)
+    _alembic_upgrade(url)
+    engine = make_engine(settings.model_copy(update={"database_url": url}), pool_size=1)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+        if started_here:
+            from app.embedded import stop_embedded_database
+
+            stop_embedded_database(settings.data_dir)
+
+
+def _first_key_hint(url: str | None, data_dir: Path | None) -> None:
+    from app import keys
+
+    with _key_database(url) as factory, factory() as session:
+        if keys.active_admins(session):
+            return
+    where = f"PGSAGE_DATA_DIR={data_dir} " if data_dir is not None else ""
+    typer.echo(
+        "no admin API key yet. Every /v1 call needs a key; create the first admin key (shown once) with:\n"
+        f"  {where}pgsage keys create --name admin --role admin --collection '*'\n"
+        "then: export PGSAGE_API_KEY=<the key>"
+    )
+
+
+def _key_line(row: dict[str, Any]) -> str:
+    used = row["last_used_at"].strftime("%Y-%m-%d %H:%M") if row["last_used_at"] else "never"
+    state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "active"
+    return (
+        f"{row['id']}  pgs_{row['prefix']}  {row['role']:<5}  {','.join(row['collections']):<24}  "
+        f"{row['name']}  (last used {used}; {state})"
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="What the key is for.")],
+    role: Annotated[str, typer.Option(help="read (search, ask, read), write (also ingest, delete) or admin.")] = "read",
+    collection: Annotated[
+        list[str], typer.Option("--collection", "-c", help="A collection it reaches (repeatable); '*' for all.")
+    ] = ...,  # type: ignore[assignment]
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a key; it is printed once, only its hash is stored."""
+    from app import keys
+    from app.errors import AppError
+
+    try:
+        with _key_database() as factory, factory.begin() as session:
+            row, key = keys.create(session, name, role, collection)
+    except AppError as exc:
+        raise typer.Exit(_fail(exc.message)) from None
+    if as_json:
+        typer.echo(json.dumps({**row, "key": key}, default=str))
+        return
+    typer.echo(_key_line(row))
+    typer.echo(f"\n{key}\n\nThis is the only time the key is shown. Use it with: export PGSAGE_API_KEY={key}")
+
+
+@keys_app.command("list")
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The keys (id, prefix, role, collections, last use); never the keys themselves."""
+    from app import keys
+
+    with _key_database() as factory, factory() as session:
+        rows = keys.listing(session, include_revoked=include_revoked)
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for row in rows:
+        typer.echo(_key_line(row))
+    if not rows:
+        typer.echo("no keys")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ident: Annotated[str, typer.Argument(help="The key's id, its pgs_ prefix, or the key itself.")],
+) -> None:
+    """Revoke a key; requests with it are refused from now on."""
+    from app import keys
+    from app.errors import AppError
+
+    try:
+        with _key_database() as factory, factory.begin() as session:
+            row = keys.revoke(session, ident)
+    except AppError as exc:
+        raise typer.Exit(_fail(exc.message)) from None
+    typer.echo(f"revoked {_key_line(row)}")
 
 
 def main() -> None:

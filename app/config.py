@@ -35,8 +35,15 @@ class Settings(BaseSettings):
 
     # Ingestion.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_documents_per_request: int = Field(default=10_000, ge=1)
     ingest_batch_documents: int = Field(default=256, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)
+    # A worker's claim on a document lasts this long; a document whose worker died is sent again after it.
+    ingest_lease_seconds: int = Field(default=900, ge=5)
+    # A document that kills its worker this many times (a crash, a time limit) fails with its error.
+    ingest_max_attempts: int = Field(default=3, ge=1, le=100)
+    # Hard limit on one ingest task (a batch of documents); the worker process running it is replaced.
+    ingest_task_time_limit: int = Field(default=3600, ge=5)
 
     # Model lifecycle (re-indexing when the embedding model changes).
     reindex_batch_chunks: int = Field(default=256, ge=1, le=10_000)
@@ -79,6 +86,12 @@ class Settings(BaseSettings):
     llm_model: str | None = None
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_max_tokens: int = Field(default=400, ge=16)
+
+    # API limits: request bodies other than uploads, and requests per API key (0: no limit), kept in
+    # Redis so every API process shares them (in memory with the embedded default).
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
+    rate_limit_per_minute: int = Field(default=3000, ge=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)

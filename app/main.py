@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app import __version__
 from app.api.deps import Resources
+from app.api.limits import BodySizeLimit, BodyTooLarge
+from app.api.ratelimit import make_limiter
 from app.api.routes import admin, documents, health, search
 from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
@@ -60,6 +62,9 @@ def build_resources(settings: Settings) -> Resources:
         factory=factory,
         query=QueryPipeline(settings, embedders, llm),
         celery=celery,
+        limiter=make_limiter(
+            settings.redis_url, settings.rate_limit_per_minute, settings.rate_limit_burst, settings.queue_name
+        ),
     )
 
 
@@ -88,6 +93,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = exc.message if exc.detail is None else {"message": exc.message, "info": exc.detail}
         return _error(exc.status_code, exc.code, detail, exc.headers)
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(413, "payload_too_large", exc.detail)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -105,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("database unavailable: %s", exc)
         return _error(503, "unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"})
 
+    app.add_middleware(BodySizeLimit, settings=settings)
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(search.router)

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.config import Settings, get_settings
+from tests.fixtures.helpers import make_key
 from tests.fixtures.services import (
     WorkerProcess,
     migrate,
@@ -52,6 +53,10 @@ def service_env(
         "PGSAGE_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "PGSAGE_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
         "PGSAGE_INGEST_BATCH_DOCUMENTS": "16",
+        # Every request goes through the Redis rate limiter, with room for tests that fire fast;
+        # test_access.py checks the limit itself with a tight one.
+        "PGSAGE_RATE_LIMIT_PER_MINUTE": "600000",
+        "PGSAGE_RATE_LIMIT_BURST": "10000",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -82,9 +87,18 @@ def worker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def client(settings: Settings) -> Iterator[TestClient]:
+    """The in-process API, sending an admin key for every collection."""
     from app.main import create_app
 
     with TestClient(create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {make_key(c, 'admin', ['*'])}"
+        yield c
+
+
+@pytest.fixture(scope="session")
+def anonymous(client: TestClient) -> Iterator[TestClient]:
+    """The same API with no key."""
+    with TestClient(client.app) as c:
         yield c
 
 

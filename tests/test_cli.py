@@ -64,7 +64,11 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(1)
-        yield url, {**env, "PGSAGE_URL": url}, log.read_text()
+        output = log.read_text()
+        made = _pgsage("keys", "create", "--name", "cli tests", "--role", "admin", "-c", "*", "--json", env=env)
+        assert made.returncode == 0, made.stderr
+        key = json.loads(made.stdout)["key"]
+        yield url, {**env, "PGSAGE_URL": url, "PGSAGE_API_KEY": key}, output
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -80,7 +84,10 @@ def test_up_starts_the_embedded_default_and_answers_with_citations(running: tupl
     assert "broker:   file-system queue" in output
     assert "4 documents indexed, 0 unchanged, 0 failed" in output
     assert "[1] " in output.split("$ pgsage ask", 1)[1]  # the answer cites a chunk
+    # A fresh install says how to get the first admin key; the demo's own key is revoked after it.
+    assert "pgsage keys create --name admin --role admin --collection '*'" in output
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/v1/status").status_code == 401
     ready = httpx.get(f"{url}/readyz").json()
     assert ready["database"] == "ok"
     assert ready["broker"] == "ok"
@@ -127,13 +134,45 @@ def test_client_errors_are_clear(running: tuple[str, dict[str, str], str], tmp_p
     assert "pgsage is not answering" in down.stderr
 
 
+def test_keys_create_list_revoke(running: tuple[str, dict[str, str], str]) -> None:
+    _url, env, _ = running
+    made = _pgsage("keys", "create", "--name", "reader", "--role", "read", "-c", "cli", env=env)
+    assert made.returncode == 0, made.stderr
+    assert "only time the key is shown" in made.stdout
+    key = next(w for w in made.stdout.split() if w.startswith("pgs_") and len(w) > 30)
+    reader = {**env, "PGSAGE_API_KEY": key}
+    assert _pgsage("status", env=reader).returncode == 0
+    refused = _pgsage("ingest", str(CORPUS), "--collection", "cli", env=reader)
+    assert refused.returncode == 1
+    assert "403: this endpoint needs a key with the write role" in refused.stderr
+
+    listed = _pgsage("keys", "list", "--json", env=env)
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["reader"]["role"] == "read"
+    assert rows["reader"]["collections"] == ["cli"]
+    assert key not in listed.stdout
+    assert "key_hash" not in listed.stdout
+    assert "pgsage up demo" not in rows  # revoked after the demo
+
+    revoked = _pgsage("keys", "revoke", key, env=env)
+    assert revoked.returncode == 0
+    assert "revoked" in revoked.stdout
+    after = _pgsage("status", env=reader)
+    assert after.returncode == 1
+    assert "401: the API key is not valid, or has been revoked" in after.stderr
+    assert "PGSAGE_API_KEY" in after.stderr
+    bad = _pgsage("keys", "create", "--name", "x", "--role", "root", "-c", "cli", env=env)
+    assert bad.returncode == 1
+    assert "role must be one of read, write, admin" in bad.stderr
+
+
 def test_every_command_has_help() -> None:
     import typer.main
 
     from app.cli import app
 
     names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
-    assert {"up", "ingest", "search", "ask", "status", "migrate", "worker", "api"} <= set(names)
+    assert {"up", "ingest", "search", "ask", "status", "migrate", "worker", "api", "keys"} <= set(names)
     for name in names:
         r = subprocess.run(
             [sys.executable, "-m", "app.cli", name, "--help"],
@@ -185,7 +224,8 @@ def test_eval_scores_a_beir_folder_through_the_service(
     rankings = {}
     for qid, query in {"q1": "how fine to grind coffee for espresso", "q2": "what makes a volcano erupt",
                        "q3": "feeding a sourdough starter"}.items():
-        hits = httpx.post(f"{url}/v1/search", json={"query": query, "k": 100, "collection": out["collection"]}).json()
+        hits = httpx.post(f"{url}/v1/search", json={"query": query, "k": 100, "collection": out["collection"]},
+                          headers={"Authorization": f"Bearer {env['PGSAGE_API_KEY']}"}).json()
         rankings[qid] = [h["external_id"] for h in hits["results"]]
     expected = evaluate(rankings, qrels)
     for key in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):

@@ -29,7 +29,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
-from tests.fixtures.helpers import wait_for_job
+from tests.fixtures.helpers import as_admin, wait_for_job
 
 pytestmark = pytest.mark.llm
 
@@ -195,6 +195,7 @@ def llm_client(settings: Settings, proxy: RecordingProxy) -> Iterator[TestClient
         "answer_min_score": -1.0,
     })
     with TestClient(create_app(llm_settings)) as c:
+        as_admin(c)
         yield c
 
 
@@ -284,6 +285,7 @@ def test_ask_reports_an_unreachable_model_as_upstream_error(
         "llm_base_url": f"http://127.0.0.1:{_free_port()}/v1", "llm_model": MODEL_ALIAS, "llm_timeout_s": 3.0,
     })
     with TestClient(create_app(closed), raise_server_exceptions=False) as c:
+        as_admin(c)
         _ingest(c, collection)
         started = time.monotonic()
         r = c.post("/v1/ask", json={"question": QUESTIONS[0], "k": K, "collection": collection})

@@ -36,7 +36,7 @@ from app.embedding import CHUNKER_VERSION, Embedder, ModelSpec
 from app.main import create_app
 from app.reindex.plan import cancel, plan
 from app.reindex.switch import switch
-from tests.fixtures.helpers import upload, wait_for_job
+from tests.fixtures.helpers import as_admin, upload, wait_for_job
 from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
@@ -157,6 +157,7 @@ def worker_and_api(env: dict[str, str], log_path: Path) -> Iterator[tuple[Worker
         with ThreadPoolExecutor(1) as pool:
             started = pool.submit(worker.start)
             with TestClient(create_app(settings_of(env))) as client:
+                as_admin(client)
                 started.result()
                 yield worker, client
     finally:
@@ -383,6 +384,7 @@ def under_load(seed: Seed, redis_url: str, tmp_path_factory: pytest.TempPathFact
         env = service_env(url, redis_url, **OLD, **CHANGES["pooling"], **SLOW)
         # The API restarts first: it opens the job (and queues it) but keeps serving from the old space.
         with TestClient(create_app(settings_of(env))) as client:
+            as_admin(client)
             job = latest_job(engine)
             assert job is not None
             assert job["status"] == "pending"
@@ -520,6 +522,7 @@ def test_cancel_keeps_the_old_space(seed: Seed, redis_url: str, tmp_path: Path) 
     with cloned_database(seed.server, seed.large) as url, engine_on(url) as engine:
         env = service_env(url, redis_url, **OLD, **CHANGES["pooling"], **SLOW)
         with TestClient(create_app(settings_of(env))) as client:
+            as_admin(client)
             _, before = search_all(client, "scifact", SCIFACT_QUERIES)
             assert before == seed.scifact_before
             with running_worker(env, tmp_path / "worker.log") as worker:

@@ -19,9 +19,16 @@ def make_celery(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
         "worker_hijack_root_logger": False,
+        # A batch that runs past this is stopped and its process replaced; its documents are sent again
+        # when their claim goes stale, and one that keeps hitting the limit fails alone.
+        "task_annotations": {"ingest.process_documents": {"time_limit": settings.ingest_task_time_limit}},
         "beat_schedule": {
-            # Documents whose task was lost (a broker restart, a failed enqueue) are sent again.
-            "requeue-stalled-documents": {"task": "ingest.requeue_stalled", "schedule": 300.0},
+            # Documents whose task was lost (a broker restart, a failed enqueue) or whose worker died
+            # (a crash, a kill, the time limit) are sent again.
+            "requeue-stalled-documents": {
+                "task": "ingest.requeue_stalled",
+                "schedule": float(max(5, min(60, settings.ingest_lease_seconds // 3))),
+            },
             # Model changes are noticed at start; this also resumes a stalled re-index and retires old spaces.
             "check-embedding-model": {"task": "reindex.check", "schedule": settings.reindex_check_seconds},
         },

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.ratelimit import Limiter
 from app.config import Settings
 from app.query.pipeline import QueryPipeline
 
@@ -23,6 +24,7 @@ class Resources:
     factory: sessionmaker[Session]
     query: QueryPipeline
     celery: Any
+    limiter: Limiter
 
 
 def get_resources(request: Request) -> Resources:

@@ -75,6 +75,8 @@ class SearchIn(_In):
         limit = get_settings().max_query_chars
         if not v.strip():
             raise ValueError("the query is blank")
+        if "\x00" in v:
+            raise ValueError("the query contains a NUL character")
         if len(v) > limit:
             raise ValueError(f"the query is longer than {limit} characters")
         return v
@@ -212,6 +214,29 @@ class DocumentOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     indexed_at: datetime | None
+
+
+class KeyIn(_In):
+    name: str = Field(min_length=1, max_length=200, description="What the key is for.")
+    role: Literal["read", "write", "admin"] = Field(description="read: search, ask, read; write: also ingest "
+                                                    "and delete; admin: also re-index and keys.")
+    collections: list[str] = Field(min_length=1, max_length=100,
+                                   description="Collection names the key reaches, or ['*'] for all.")
+
+
+class KeyOut(BaseModel):
+    id: uuid.UUID
+    prefix: str
+    name: str
+    role: str
+    collections: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The key itself; shown only now, only its hash is stored.")
 
 
 class ErrorOut(BaseModel):

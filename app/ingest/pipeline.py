@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import session_scope
@@ -45,6 +46,8 @@ class IngestPipeline:
         self.factory = factory
         self.embedders = embedders
         embedder = embedders.configured
+        self.max_attempts = embedder.settings.ingest_max_attempts
+        self.task_time_limit = embedder.settings.ingest_task_time_limit
         self.chunker = Chunker(embedder.tokenizer, embedder.chunk_max_tokens, embedder.settings.chunk_overlap_tokens)
 
     def _targets(self) -> list[tuple[int, Embedder]]:
@@ -63,53 +66,86 @@ class IngestPipeline:
     def process(self, job_id: uuid.UUID | None, doc_ids: Sequence[uuid.UUID]) -> IngestOutcome:
         """Index the given documents; each succeeds or fails on its own.
 
-        The documents are embedded in groups of about EMBED_GROUP_CHUNKS chunks, and each group is
-        handed to the writer threads while the next one is embedded, so the Postgres side (COPY,
-        HNSW inserts, BM25 postings) runs beside the model instead of after it.
+        Each document is claimed (its attempt counted) just before it is chunked, and the documents
+        are embedded in groups of about EMBED_GROUP_CHUNKS chunks; each group is handed to the writer
+        threads while the next one is embedded, so the Postgres side (COPY, HNSW inserts, BM25
+        postings) runs beside the model instead of after it.
+
+        If the process dies (a crash, a kill, the time limit), the documents it had claimed are sent
+        again once their claim is stale. Those come back with attempts > 0 and are processed one at a
+        time, after the others, so a document that kills its worker takes down only itself, and after
+        PGSAGE_INGEST_MAX_ATTEMPTS it fails with the reason recorded.
         """
         outcome = IngestOutcome()
         started = time.perf_counter()
         with session_scope(self.factory) as session:
             pending = store.pending_documents(session, doc_ids)
+            store.hold(session, [d.id for d in pending])
         loaded = time.perf_counter()
-        chunked: list[list[ChunkSpan]] = []
-        ready = []
-        for doc in pending:
-            try:
-                chunks = self.chunker.split(doc.content)
-                if not chunks:
-                    raise ValueError("the document has no text to index")
-            except Exception as exc:  # one bad document must not sink the batch
-                log.exception("chunking failed for %s", doc.id)
-                self._fail(doc.id, f"chunking failed: {exc}")
-                outcome.failed += 1
-                continue
-            chunked.append(chunks)
-            ready.append(doc)
-        chunked_at = time.perf_counter()
         targets = self._targets()
+        docs: list[store.PendingDocument] = []
+        chunked: list[list[ChunkSpan]] = []
+        timings = {"chunk": 0.0, "embed": 0.0}
 
         def write(i: int, vectors: dict[int, np.ndarray]) -> str:
-            doc = ready[i]
+            doc = docs[i]
             try:
                 with session_scope(self.factory) as session:
                     written = store.write_document(session, doc, chunked[i], vectors)
+            except OperationalError:
+                raise  # the database is away: the task is retried, the document stays queued
             except Exception as exc:
                 log.exception("storing failed for %s", doc.id)
                 self._fail(doc.id, f"storing failed: {exc}")
                 return "failed"
             return "indexed" if written else "skipped"
 
-        embed_s = 0.0
         with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ingest-store") as writers:
             futures = []
-            for group in _groups(chunked, EMBED_GROUP_CHUNKS):
+
+            waiting = {d.id for d in pending}
+
+            def flush(group: list[int]) -> None:
+                if not group:
+                    return
                 t0 = time.perf_counter()
                 part = [chunked[i] for i in group]
                 per_space = [(sid, embed_documents(embedder, part)) for sid, embedder in targets]
-                embed_s += time.perf_counter() - t0
+                timings["embed"] += time.perf_counter() - t0
+                waiting.difference_update(docs[i].id for i in group)
+                with session_scope(self.factory) as session:
+                    store.hold(session, list(waiting))  # renew the claim on the rest of the batch
                 for j, i in enumerate(group):
                     futures.append(writers.submit(write, i, {sid: vecs[j] for sid, vecs in per_space}))
+
+            fresh = [d for d in pending if d.attempts == 0]
+            suspects = [d for d in pending if d.attempts > 0]
+            for batch, alone in ((fresh, False), (suspects, True)):
+                group: list[int] = []
+                size = 0
+                for doc in batch:
+                    if not self._claim(doc, outcome):
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        chunks = self.chunker.split(doc.content)
+                        if not chunks:
+                            raise ValueError("the document has no text to index")
+                    except Exception as exc:  # one bad document must not sink the batch
+                        log.exception("chunking failed for %s", doc.id)
+                        self._fail(doc.id, f"chunking failed: {exc}")
+                        outcome.failed += 1
+                        continue
+                    finally:
+                        timings["chunk"] += time.perf_counter() - t0
+                    if group and (alone or size + len(chunks) > EMBED_GROUP_CHUNKS):
+                        flush(group)
+                        group, size = [], 0
+                    docs.append(doc)
+                    chunked.append(chunks)
+                    group.append(len(docs) - 1)
+                    size += len(chunks)
+                flush(group)
             embedded = time.perf_counter()
             results = [f.result() for f in futures]
         outcome.indexed += results.count("indexed")
@@ -130,28 +166,35 @@ class IngestPipeline:
             outcome.failed,
             outcome.skipped,
             loaded - started,
-            chunked_at - loaded,
-            embed_s,
+            timings["chunk"],
+            timings["embed"],
             done - embedded,
         )
         return outcome
+
+    def _claim(self, doc: store.PendingDocument, outcome: IngestOutcome) -> bool:
+        """Count this attempt; False (and the document failed) once it has used up its attempts."""
+        with session_scope(self.factory) as session:
+            attempt = store.claim(session, doc.id)
+        if attempt is None:
+            outcome.skipped += 1
+            return False
+        if attempt > self.max_attempts:
+            limit = self.task_time_limit
+            self._fail(
+                doc.id,
+                f"gave up after {self.max_attempts} attempts: each time, the worker processing this document "
+                f"stopped before finishing it (a crash, a kill, running out of memory, or the {limit}s task time "
+                "limit); the rest of its batch was indexed",
+            )
+            log.error("document %s failed after %d attempts", doc.id, self.max_attempts)
+            outcome.failed += 1
+            return False
+        if attempt > 1:
+            log.warning("document %s: attempt %d of %d, processed on its own", doc.id, attempt, self.max_attempts)
+        return True
 
     def _fail(self, doc_id: uuid.UUID, error: str) -> None:
         with session_scope(self.factory) as session:
             store.mark_failed(session, doc_id, error)
 
-
-def _groups(chunked: Sequence[Sequence[ChunkSpan]], max_chunks: int) -> list[list[int]]:
-    """Consecutive document indexes, grouped so each group holds about max_chunks chunks."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    count = 0
-    for i, chunks in enumerate(chunked):
-        if current and count + len(chunks) > max_chunks:
-            groups.append(current)
-            current, count = [], 0
-        current.append(i)
-        count += len(chunks)
-    if current:
-        groups.append(current)
-    return groups

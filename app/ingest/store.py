@@ -80,6 +80,10 @@ def upsert_documents(
                                  THEN d.status ELSE 'queued' END,
                    error = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
                                 THEN d.error END,
+                   attempts = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
+                                   THEN d.attempts ELSE 0 END,
+                   claimed_at = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
+                                     THEN d.claimed_at END,
                    updated_at = now()
             RETURNING d.id, d.status, d.content_hash
         )
@@ -115,31 +119,60 @@ class PendingDocument:
     collection_id: int
     content: str
     content_hash: str
+    attempts: int = 0
 
 
 def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[PendingDocument]:
     """The documents among ids that still wait for chunks and vectors."""
     rows = session.execute(
         text(
-            "SELECT id, collection_id, content, content_hash FROM documents WHERE id = ANY(:ids) AND status = 'queued'"
+            "SELECT id, collection_id, content, content_hash, attempts FROM documents "
+            "WHERE id = ANY(:ids) AND status = 'queued'"
         ),
         {"ids": list(ids)},
     ).all()
-    return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash) for r in rows]
+    return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash, r.attempts) for r in rows]
 
 
-def claim_stalled(session: Session, older_than_minutes: int, limit: int) -> list[uuid.UUID]:
-    """Queued documents untouched for a while (their task was lost); touched so they are claimed once."""
+def hold(session: Session, ids: Sequence[uuid.UUID]) -> None:
+    """Stamp a worker's claim on queued documents it will reach soon (renewed as it goes), so that if it
+    dies they are sent again once the claim is older than the lease."""
+    if ids:
+        session.execute(
+            text("UPDATE documents SET claimed_at = now() WHERE id = ANY(:ids) AND status = 'queued'"),
+            {"ids": list(ids)},
+        )
+
+
+def claim(session: Session, doc_id: uuid.UUID) -> int | None:
+    """Take a queued document up: count the attempt and stamp the claim. Its attempt number, or None if
+    it is no longer queued (indexed by another delivery, deleted, failed)."""
+    attempts = session.execute(
+        text(
+            "UPDATE documents SET attempts = attempts + 1, claimed_at = now() "
+            "WHERE id = :id AND status = 'queued' RETURNING attempts"
+        ),
+        {"id": doc_id},
+    ).scalar()
+    return None if attempts is None else int(attempts)
+
+
+def claim_stalled(session: Session, older_than_minutes: int, lease_seconds: int, limit: int) -> list[uuid.UUID]:
+    """Queued documents to send again: claimed by a worker that has not finished them within the lease (it
+    died: a crash, a kill, a time limit), or never claimed long after their upload (their task was lost).
+    Touched so that one sweep sends each once."""
     rows = (
         session.execute(
             text("""
-        UPDATE documents SET updated_at = now()
+        UPDATE documents SET updated_at = now(), claimed_at = NULL
          WHERE id IN (SELECT id FROM documents
-                       WHERE status = 'queued' AND updated_at < now() - make_interval(mins => :m)
+                       WHERE status = 'queued'
+                         AND CASE WHEN claimed_at IS NULL THEN updated_at < now() - make_interval(mins => :m)
+                                  ELSE claimed_at < now() - make_interval(secs => :lease) END
                        ORDER BY updated_at LIMIT :n FOR UPDATE SKIP LOCKED)
         RETURNING id
         """),
-            {"m": older_than_minutes, "n": limit},
+            {"m": older_than_minutes, "lease": lease_seconds, "n": limit},
         )
         .scalars()
         .all()
@@ -277,7 +310,12 @@ def mark_failed(session: Session, doc_id: uuid.UUID, error: str) -> None:
     )
 
 
-def get_document(session: Session, doc_id: uuid.UUID) -> dict[str, Any]:
+# Reads and writes by id are limited to the collections the caller's key reaches (None: all); a
+# document or job elsewhere is reported as not existing, so ids leak nothing across collections.
+VISIBLE = "(CAST(:visible AS text[]) IS NULL OR c.name = ANY(CAST(:visible AS text[])))"
+
+
+def get_document(session: Session, doc_id: uuid.UUID, visible: Sequence[str] | None = None) -> dict[str, Any]:
     row = (
         session.execute(
             text("""
@@ -285,9 +323,10 @@ def get_document(session: Session, doc_id: uuid.UUID) -> dict[str, Any]:
                d.error, d.chunk_count, d.content_hash, d.created_at, d.updated_at, d.indexed_at,
                length(d.content) AS characters
           FROM documents d JOIN collections c ON c.id = d.collection_id
-         WHERE d.id = :id
-        """),
-            {"id": doc_id},
+         WHERE d.id = :id AND """
+                + VISIBLE
+            ),
+            {"id": doc_id, "visible": visible},
         )
         .mappings()
         .first()
@@ -297,22 +336,29 @@ def get_document(session: Session, doc_id: uuid.UUID) -> dict[str, Any]:
     return dict(row)
 
 
-def delete_document(session: Session, doc_id: uuid.UUID) -> None:
+def delete_document(session: Session, doc_id: uuid.UUID, visible: Sequence[str] | None = None) -> None:
     """Delete a document; chunks, vectors and job items go with it (ON DELETE CASCADE)."""
-    deleted = session.execute(text("DELETE FROM documents WHERE id = :id RETURNING id"), {"id": doc_id}).scalar()
+    deleted = session.execute(
+        text(
+            "DELETE FROM documents d USING collections c WHERE c.id = d.collection_id AND d.id = :id AND "
+            + VISIBLE
+            + " RETURNING d.id"
+        ),
+        {"id": doc_id, "visible": visible},
+    ).scalar()
     if deleted is None:
         raise NotFound(f"document {doc_id} does not exist")
 
 
-def job_progress(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
+def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | None = None) -> dict[str, Any]:
     """A job's state and counts, derived from its items, plus every failed document's error."""
     job = (
         session.execute(
             text(
                 "SELECT j.id, j.kind, j.created_at, c.name AS collection FROM jobs j "
-                "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id"
+                "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id AND " + VISIBLE
             ),
-            {"id": job_id},
+            {"id": job_id, "visible": visible},
         )
         .mappings()
         .first()
@@ -366,8 +412,8 @@ def job_progress(session: Session, job_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def status_summary(session: Session) -> dict[str, Any]:
-    """Counts for `pgsage status`: collections, documents by status, chunks, jobs, spaces."""
+def status_summary(session: Session, visible: Sequence[str] | None = None) -> dict[str, Any]:
+    """Counts for `pgsage status`: collections, documents by status, chunks, jobs, spaces (within visible)."""
     collections = (
         session.execute(
             text("""
@@ -378,8 +424,11 @@ def status_summary(session: Session) -> dict[str, Any]:
                count(d.id) FILTER (WHERE d.status = 'failed') AS failed,
                coalesce(sum(d.chunk_count) FILTER (WHERE d.status = 'indexed'), 0) AS chunks
           FROM collections c LEFT JOIN documents d ON d.collection_id = c.id
-         GROUP BY c.name ORDER BY c.name
-        """)
+         WHERE """
+                + VISIBLE
+                + " GROUP BY c.name ORDER BY c.name"
+            ),
+            {"visible": visible},
         )
         .mappings()
         .all()
@@ -390,8 +439,11 @@ def status_summary(session: Session) -> dict[str, Any]:
         SELECT count(*) AS total,
                count(*) FILTER (WHERE EXISTS (SELECT 1 FROM job_documents i
                                                WHERE i.job_id = j.id AND i.status = 'pending')) AS running
-          FROM jobs j
-        """)
+          FROM jobs j LEFT JOIN collections c ON c.id = j.collection_id
+         WHERE """
+                + VISIBLE
+            ),
+            {"visible": visible},
         )
         .mappings()
         .one()

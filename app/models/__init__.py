@@ -1,5 +1,6 @@
 """Typed SQLAlchemy models; importing this module registers every table on Base.metadata."""
 
+from app.models.apikey import ApiKey
 from app.models.collection import Collection
 from app.models.document import Chunk, Document, LexicalPosting
 from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel
@@ -7,6 +8,7 @@ from app.models.job import Job, JobDocument
 from app.models.reindex import ReindexJob
 
 __all__ = [
+    "ApiKey",
     "Chunk",
     "ChunkVector",
     "Collection",

@@ -51,6 +51,10 @@ class Document(Timestamps, Base):
     # Word count after stop-words (the BM25 document length); 0 until indexed.
     lexical_length: Mapped[int] = mapped_column(Integer, server_default="0")
     indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Times a worker took the document up, and when it last did: a document whose worker died is sent
+    # again once its claim is stale; one that has used up its attempts fails alone.
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Chunk(Base):

@@ -30,14 +30,14 @@ def process_documents(self: object, job_id: str | None, document_ids: list[str])
 
 @celery_app.task(name="ingest.requeue_stalled")
 def requeue_stalled() -> int:
-    """Send again the documents still queued long after their upload; processing is idempotent."""
+    """Send again the documents whose task was lost or whose worker died; processing is idempotent."""
     from app.config import get_settings
     from app.db.session import session_scope
     from app.ingest import store
 
     settings = get_settings()
     with session_scope(resources().factory) as session:
-        ids = store.claim_stalled(session, settings.ingest_stall_minutes, 10_000)
+        ids = store.claim_stalled(session, settings.ingest_stall_minutes, settings.ingest_lease_seconds, 10_000)
     batch = settings.ingest_batch_documents
     for i in range(0, len(ids), batch):
         process_documents.delay(None, [str(d) for d in ids[i : i + batch]])

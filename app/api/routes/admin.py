@@ -1,17 +1,21 @@
-"""Admin: start, follow, cancel and roll back re-indexing."""
+"""Admin (an admin key for all collections): re-indexing, and API keys."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app import keys
+from app.api.auth import require_admin
 from app.api.deps import ResourcesDep, SessionDep
+from app.api.schemas import KeyCreated, KeyIn, KeyOut
 from app.errors import NotFound
 from app.reindex import plan as planning
 from app.reindex.switch import rollback
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 @router.post("/reindex", status_code=202, summary="Re-index into the configured embedding model")
@@ -40,3 +44,19 @@ def cancel_reindex(session: SessionDep) -> dict[str, Any]:
 def rollback_reindex(session: SessionDep) -> dict[str, Any]:
     current, previous = rollback(session)
     return {"from_space": current, "to_space": previous}
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key (shown once)")
+def create_key(body: KeyIn, session: SessionDep) -> dict[str, Any]:
+    row, key = keys.create(session, body.name, body.role, body.collections)
+    return {**row, "key": key}
+
+
+@router.get("/keys", response_model=list[KeyOut], summary="API keys (never the keys themselves)")
+def list_keys(session: SessionDep, include_revoked: bool = False) -> list[dict[str, Any]]:
+    return keys.listing(session, include_revoked=include_revoked)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key; it stops working at once")
+def revoke_key(key_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
+    return keys.revoke(session, str(key_id))

@@ -12,12 +12,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
 from app.api.schemas import DocumentIn, DocumentOut, IngestAccepted, JobOut
 from app.db.session import session_scope
 from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
 from app.ingest.load import LoadedDocument, check_storable, load_json, load_upload
+from app.keys import Principal
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def _json_object(raw: str | None, what: str) -> dict[str, Any]:
     return value
 
 
-async def _read_request(request: Request, limit: int) -> tuple[str, list[LoadedDocument]]:
+async def _read_request(request: Request, limit: int, principal: Principal) -> tuple[str, list[LoadedDocument]]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 1024 * 1024:
@@ -70,6 +72,8 @@ async def _read_request(request: Request, limit: int) -> tuple[str, list[LoadedD
         if not isinstance(upload, UploadFile):
             raise BadInput("send the document as a multipart field named 'file'")
         collection = str(form.get("collection") or "default")
+        store.check_collection_name(collection)
+        check_collection(principal, collection, "write")  # before any parsing
         extra = _json_object(str(form.get("metadata") or ""), "the metadata field")
         data = await upload.read(limit + 1)
         docs = await run_in_threadpool(load_upload, upload.filename, upload.content_type, data, limit)
@@ -86,6 +90,7 @@ async def _read_request(request: Request, limit: int) -> tuple[str, list[LoadedD
             malformed = any(e["type"] == "json_invalid" for e in exc.errors())
             raise BadInput("the request body is malformed JSON" if malformed else "invalid document",
                            detail=json.loads(exc.json(include_url=False, include_input=False))) from None
+        check_collection(principal, body.collection, "write")
         return body.collection, [load_json(body.text, body.title, body.metadata, body.external_id)]
     raise UnsupportedMedia("send multipart/form-data with a 'file' field, or a JSON document")
 
@@ -115,29 +120,34 @@ def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -
 
 @router.post("/documents", status_code=202, response_model=IngestAccepted, openapi_extra=UPLOAD_BODY,
              summary="Add or replace documents (file upload or JSON)")
-async def create_documents(request: Request, resources: ResourcesDep) -> IngestAccepted:
+async def create_documents(request: Request, principal: Writer, resources: ResourcesDep) -> IngestAccepted:
     """Validate and store the documents, answer at once; a worker chunks and embeds them."""
-    collection, docs = await _read_request(request, resources.settings.max_upload_bytes)
+    settings = resources.settings
+    collection, docs = await _read_request(request, settings.max_upload_bytes, principal)
     store.check_collection_name(collection)
+    if len(docs) > settings.max_documents_per_request:
+        raise TooLarge(
+            f"the request holds {len(docs)} documents; at most {settings.max_documents_per_request} per request"
+        )
     return await run_in_threadpool(_accept, resources, collection, docs)
 
 
 @router.get("/documents/{document_id}", response_model=DocumentOut, summary="A document and its status")
-def read_document(document_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
-    return store.get_document(session, document_id)
+def read_document(document_id: uuid.UUID, principal: Reader, session: SessionDep) -> dict[str, Any]:
+    return store.get_document(session, document_id, principal.visible)
 
 
 @router.delete("/documents/{document_id}", status_code=204, summary="Delete a document, its chunks and vectors")
-def delete_document(document_id: uuid.UUID, session: SessionDep) -> Response:
-    store.delete_document(session, document_id)
+def delete_document(document_id: uuid.UUID, principal: Writer, session: SessionDep) -> Response:
+    store.delete_document(session, document_id, principal.visible)
     return Response(status_code=204)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state, counts and errors")
-def read_job(job_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
-    return store.job_progress(session, job_id)
+def read_job(job_id: uuid.UUID, principal: Reader, session: SessionDep) -> dict[str, Any]:
+    return store.job_progress(session, job_id, principal.visible)
 
 
 @router.get("/status", summary="Collections, documents, chunks, jobs and embedding models")
-def read_status(session: SessionDep) -> dict[str, Any]:
-    return store.status_summary(session)
+def read_status(principal: Reader, session: SessionDep) -> dict[str, Any]:
+    return store.status_summary(session, principal.visible)

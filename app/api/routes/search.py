@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.auth import Reader, check_collection
 from app.api.deps import ResourcesDep, SessionDep
 from app.api.schemas import AskIn, AskOut, ChunkOut, SearchIn, SearchOut, SpaceRef
 from app.query.pipeline import SearchRequest
@@ -12,7 +13,8 @@ router = APIRouter(prefix="/v1", tags=["search"])
 
 
 @router.post("/search", response_model=SearchOut, summary="Ranked chunks for a query")
-def search(body: SearchIn, session: SessionDep, resources: ResourcesDep) -> SearchOut:
+def search(body: SearchIn, principal: Reader, session: SessionDep, resources: ResourcesDep) -> SearchOut:
+    check_collection(principal, body.collection, "read")
     pipeline = resources.query
     overrides = body.retrieval.model_dump(exclude_none=True) if body.retrieval else {}
     overrides.update(mode=body.mode, rerank=body.rerank)
@@ -45,7 +47,8 @@ def search(body: SearchIn, session: SessionDep, resources: ResourcesDep) -> Sear
 
 
 @router.post("/ask", response_model=AskOut, summary="An answer with citations to the chunks it used")
-def ask(body: AskIn, session: SessionDep, resources: ResourcesDep) -> AskOut:
+def ask(body: AskIn, principal: Reader, session: SessionDep, resources: ResourcesDep) -> AskOut:
+    check_collection(principal, body.collection, "read")
     request = SearchRequest(body.question, body.k, body.collection, body.filters,
                             overrides={"mode": body.mode, "rerank": body.rerank})
     answer = resources.query.ask(session, request)

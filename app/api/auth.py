@@ -1,0 +1,74 @@
+"""Who may call: every /v1 endpoint takes an API key (Authorization: Bearer pgs_...) and is rate limited per key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app import keys
+from app.api.deps import ResourcesDep
+from app.api.ratelimit import retry_after
+from app.db.session import session_scope
+from app.errors import Forbidden, RateLimited, Unauthorized
+from app.keys import Principal, Role
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `pgsage keys create`, sent as `Authorization: Bearer pgs_...`.",
+)
+
+
+def authenticate(
+    request: Request,
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    """The caller's key, checked against the database on every request (revocation is immediate)."""
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` (see `pgsage keys create`)")
+    with session_scope(resources.factory) as session:
+        principal = keys.authenticate(session, credentials.credentials)
+    if principal is None:
+        raise Unauthorized("the API key is not valid, or has been revoked")
+    wait = resources.limiter.wait_seconds(str(principal.key_id))
+    if wait > 0:
+        per_minute = resources.settings.rate_limit_per_minute
+        seconds = retry_after(wait)
+        raise RateLimited(
+            f"rate limit of {per_minute} requests per minute for this key exceeded; retry in {seconds}s",
+            retry_after=seconds,
+        )
+    request.state.principal = principal
+    return principal
+
+
+def require(role: Role) -> object:
+    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if not principal.has_role(role):
+            raise Forbidden(f"this endpoint needs a key with the {role} role; this key has {principal.role}")
+        return principal
+
+    return Depends(check)
+
+
+def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """Admin endpoints act on every collection (re-indexing, keys), so they need an admin key for '*'."""
+    if principal.role != "admin" or not principal.all_collections:
+        raise Forbidden("this endpoint needs an admin key for all collections ('*')")
+    return principal
+
+
+def check_collection(principal: Principal, collection: str, role: Role) -> None:
+    """403 when the key does not reach this collection with this role (whether it exists or not)."""
+    if not principal.has_role(role):
+        raise Forbidden(f"this needs a key with the {role} role; this key has {principal.role}")
+    if not principal.reaches(collection):
+        raise Forbidden(f"this key does not reach collection {collection!r}")
+
+
+Reader = Annotated[Principal, require("read")]
+Writer = Annotated[Principal, require("write")]
+Admin = Annotated[Principal, Depends(require_admin)]
