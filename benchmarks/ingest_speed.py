@@ -369,6 +369,25 @@ def wait_ready(base: str, log_path: Path, timeout: float = 300) -> None:
     raise RuntimeError(f"the API is not ready after {timeout}s:\n{tail}")
 
 
+def admin_key(db_url: str, name: str = "benchmark") -> str:
+    """A new admin key for every collection ("*") on this (migrated) database, for the /v1 calls."""
+    from app import keys
+    from app.db.session import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(Settings(database_url=db_url), pool_size=1)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            _, key = keys.create(session, name, "admin", [keys.ALL_COLLECTIONS])
+    finally:
+        engine.dispose()
+    return key
+
+
+def auth(key: str) -> dict[str, str]:
+    """The header every /v1 request carries."""
+    return {"Authorization": f"Bearer {key}"}
+
+
 def _worker_stop(worker: WorkerProcess) -> None:
     kids = _descendants(worker.proc.pid) if worker.proc else []
     worker.stop()
@@ -420,6 +439,7 @@ def measure_e2e(settings: Settings, name: str, data: bytes, n_docs: int, logs: P
         server = stack.enter_context(postgres_server())
         db_url = stack.enter_context(scratch_database(server))
         migrate(db_url)
+        key = admin_key(db_url, "ingest_speed benchmark")
         env = {
             **os.environ,
             "PGSAGE_DATABASE_URL": db_url,
@@ -437,7 +457,7 @@ def measure_e2e(settings: Settings, name: str, data: bytes, n_docs: int, logs: P
         worker.start(timeout=300)
         wait_ready(base, logs / "api.log")
         assert worker.proc is not None
-        with httpx.Client(base_url=base, timeout=600) as client:
+        with httpx.Client(base_url=base, timeout=600, headers=auth(key)) as client:
             # Warm-up, untimed (the raw phase has one too): the first documents through the whole path,
             # in a collection of their own, so first-call costs are not timed. Enough for full batches of
             # long chunks: the first task of a fresh worker process was ~0.7 s slower without it.

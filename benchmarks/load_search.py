@@ -41,11 +41,13 @@ DEFAULT_OUT = bench.ROOT / "benchmarks" / "results" / "load_search.json"
 QUERIES = bench.ROOT.parent / "shared" / "data" / "scifact" / "queries.jsonl"
 
 
-def _drive(base: str, collection: str, queries: list[str], rate: float, seconds: float, out: Any) -> None:
-    """The load generator (runs in its own process): open-loop requests at a fixed rate."""
+def _drive(base: str, key: str, collection: str, queries: list[str], rate: float, seconds: float,
+           out: Any) -> None:
+    """The load generator (runs in its own process): open-loop requests at a fixed rate, with API key `key`."""
     total = int(rate * seconds)
     results: list[tuple[float, int, str]] = []  # (latency ms from due time, status, error)
-    with httpx.Client(base_url=base, timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+    with httpx.Client(base_url=base, timeout=30, limits=httpx.Limits(max_connections=64),
+                      headers=bench.auth(key)) as client:
 
         def one(i: int, due: float) -> tuple[float, int, str]:
             try:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         server = stack.enter_context(postgres_server())
         db_url = stack.enter_context(scratch_database(server))
         migrate(db_url)
+        key = bench.admin_key(db_url, "load_search benchmark")
         env = {**os.environ, "PGSAGE_DATABASE_URL": db_url, "PGSAGE_REDIS_URL": args.redis_url,
                "PGSAGE_QUEUE_NAME": queue, "PGSAGE_DATA_DIR": str(logs / "data"),
                "PGSAGE_WORKER_CONCURRENCY": "1"}
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(bench._worker_stop, worker)
         worker.start(timeout=300)
         bench.wait_ready(base, logs / "api.log")
-        with httpx.Client(base_url=base, timeout=600) as client:
+        with httpx.Client(base_url=base, timeout=600, headers=bench.auth(key)) as client:
             print(f"seeding {args.seed} documents (untimed) ...", flush=True)
             job, _, _ = bench._ingest(client, "seed.jsonl", seed, "load-seed", worker, logs)
             assert job["state"] == "succeeded", job
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"driving {args.rate:g} searches/s for {args.seconds:g} s from a second process ...", flush=True)
             ctx = mp.get_context("spawn")
             out = ctx.Queue()
-            proc = ctx.Process(target=_drive, args=(base, "load-seed", queries, args.rate, args.seconds, out))
+            proc = ctx.Process(target=_drive, args=(base, key, "load-seed", queries, args.rate, args.seconds, out))
             started = datetime.now(UTC)
             proc.start()
             report = out.get(timeout=args.seconds + 120)

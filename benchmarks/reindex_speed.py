@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         server = stack.enter_context(postgres_server())
         db_url = stack.enter_context(scratch_database(server))
         migrate(db_url)
+        key = bench.admin_key(db_url, "reindex_speed benchmark")
         env = {
             **os.environ,
             "PGSAGE_DATABASE_URL": db_url,
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(bench._drop_queue, args.redis_url, queue)
         base, _ = stack.enter_context(bench.api_server(env, logs / "api.log"))
         worker = WorkerProcess(env, logs / "worker.log")
+        stack.callback(bench._worker_stop, worker)  # also if an API call fails before the stop below
         worker.start(timeout=300)
         bench.wait_ready(base, logs / "api.log")
-        with httpx.Client(base_url=base, timeout=600) as client:
+        with httpx.Client(base_url=base, timeout=600, headers=bench.auth(key)) as client:
             warm = b"\n".join(data.split(b"\n")[: bench.WARMUP_DOCUMENTS]) + b"\n"
             bench._ingest(client, "corpus.jsonl", warm, "bench-warmup", worker, logs)
             print(f"[ingest] uploading {n_docs} documents ...", flush=True)

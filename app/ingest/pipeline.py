@@ -124,6 +124,11 @@ class IngestPipeline:
                 group: list[int] = []
                 size = 0
                 for doc in batch:
+                    if alone and group:
+                        # A suspect's group is embedded before the next suspect is claimed, so that if
+                        # it kills the process again, that attempt is charged to it alone.
+                        flush(group)
+                        group, size = [], 0
                     if not self._claim(doc, outcome):
                         continue
                     t0 = time.perf_counter()
@@ -138,7 +143,7 @@ class IngestPipeline:
                         continue
                     finally:
                         timings["chunk"] += time.perf_counter() - t0
-                    if group and (alone or size + len(chunks) > EMBED_GROUP_CHUNKS):
+                    if group and size + len(chunks) > EMBED_GROUP_CHUNKS:
                         flush(group)
                         group, size = [], 0
                     docs.append(doc)
