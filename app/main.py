@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.api.deps import Resources
@@ -72,6 +74,15 @@ def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None =
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI schema documents for this concrete path."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
+            methods.update(m.upper() for m in operations)
+    return sorted(methods)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -96,6 +107,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return _error(413, "payload_too_large", exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unparsable body, an unknown path or method) in the same shape."""
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            # Every method the path has (a path's methods can live on several routes).
+            headers = {"Allow": ", ".join(_allowed_methods(app, request.url.path))}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"), exc.detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

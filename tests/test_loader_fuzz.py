@@ -124,3 +124,48 @@ def test_deeply_nested_json_is_refused_not_crashed() -> None:
         '"PLACEHOLDER"', "[" * 5000 + "]" * 5000
     )
     assert _load_or_refuse("doc.jsonl", line.encode()) == []
+
+
+# ---------------------------------------------------------------- through the API and the worker
+
+_odd_text = st.one_of(
+    st.text(min_size=1, max_size=2000),
+    # Only controls, format characters, combining marks, separators and symbols.
+    st.text(st.characters(categories=["Cc", "Cf", "Mn", "Me", "Zs", "Zl", "Zp", "So", "Sk", "Co"]), min_size=1,
+            max_size=500),
+    # One "word" far longer than a chunk: the chunker must cut inside it.
+    st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "字", "🙂", "-", "\u0301", "ab "]),
+              st.integers(1000, 30_000)),
+    st.binary(min_size=1, max_size=3000).map(lambda b: b.decode("latin-1")),
+    st.lists(st.sampled_from(["שלום", "مرحبا", "\u200f", "\u202e", "Ω", "\ufeff", "\n", ".", " ", "x"]),
+             min_size=1, max_size=400).map("".join),
+)
+
+
+@given(st.lists(_odd_text, min_size=10, max_size=25))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_odd_documents_through_the_worker_end_indexed_or_as_recorded_failures(
+    client: Any, worker: Any, texts: list[str]
+) -> None:
+    """Whatever text the API accepts, the worker settles: each document indexed, or failed with its error
+    recorded; the worker process stays up. What the API refuses is refused with a 4xx and a message."""
+    import uuid
+
+    from tests.fixtures.helpers import wait_for_job
+
+    collection = f"fuzz-{uuid.uuid4().hex[:8]}"
+    jobs = []
+    for text in texts:
+        r = client.post("/v1/documents", json={"text": text, "collection": collection})
+        if r.status_code == 202:
+            jobs.append(r.json()["job_id"])
+        else:
+            assert 400 <= r.status_code < 500, r.text
+            assert r.json()["detail"]
+    for job_id in jobs:
+        job = wait_for_job(client, job_id, timeout=300)
+        assert job["state"] in ("succeeded", "failed"), job
+        assert job["indexed"] + job["failed"] + job["unchanged"] == job["total"] == 1, job
+        for error in job["errors"]:
+            assert error["error"], job
+    assert worker.proc.poll() is None  # the worker survived every one of them

@@ -153,10 +153,17 @@ def test_bad_retrieval_options_are_refused(client: TestClient, body: dict[str, A
     assert r.json()["error"]
 
 
-def test_a_reranker_that_cannot_load_is_a_clear_422(client: TestClient, worker: Any, collection: str) -> None:
+def test_a_reranker_that_cannot_load_is_a_clear_4xx(
+    client: TestClient, worker: Any, collection: str, tmp_path: Path
+) -> None:
     _post_json_docs(client, collection, {"a": "some text about rivers"})
     r = client.post("/v1/search", json={"query": "rivers", "collection": collection,
                                         "rerank": "cross-encoder:/no/such/model"})
+    assert r.status_code == 404, r.text
+    assert "no reranker model '/no/such/model' on this server" in r.json()["detail"]
+    (tmp_path / "config.json").write_text("{}")  # a folder, but not a model
+    r = client.post("/v1/search", json={"query": "rivers", "collection": collection,
+                                        "rerank": f"cross-encoder:{tmp_path}"})
     assert r.status_code == 422, r.text
     assert "cannot load reranker" in r.json()["detail"]
 

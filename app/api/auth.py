@@ -69,6 +69,13 @@ def check_collection(principal: Principal, collection: str, role: Role) -> None:
         raise Forbidden(f"this key does not reach collection {collection!r}")
 
 
+def check_reranker(principal: Principal, requested: str | None, configured: str) -> None:
+    """A cross-encoder other than the configured one is a model loaded from a name or a local path, on the
+    server, kept for the life of the process: only admins may ask for one."""
+    if requested and requested.startswith("cross-encoder:") and requested != configured and principal.role != "admin":
+        raise Forbidden(f"only an admin key may name a cross-encoder other than the configured one ({configured})")
+
+
 Reader = Annotated[Principal, require("read")]
 Writer = Annotated[Principal, require("write")]
 Admin = Annotated[Principal, Depends(require_admin)]

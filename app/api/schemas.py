@@ -2,20 +2,101 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.config import get_settings
 from app.ingest.load import unstorable
+from app.ingest.store import COLLECTION_RULE
 
 MAX_FILTER_KEYS = 16
+COLLECTION_PATTERN = f"^{COLLECTION_RULE}$"
+
+
+def _collection(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(COLLECTION_RULE, value):
+        raise ValueError("collection names are 1-64 characters: letters, digits, '_', '.', '-'")
+    return value
+
+
+CollectionName = Annotated[
+    str,
+    Field(description="1-64 characters: letters, digits, '_', '.', '-'.",
+          json_schema_extra={"pattern": COLLECTION_PATTERN}),
+    BeforeValidator(_collection),
+]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no silent coercion (false is not 0.0, "5" is not 5); the schema says exactly what is accepted.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Text fields: Postgres text holds no NUL character, so the schema says so.
+NO_NUL = r"^[^\x00]*$"
+# "Not blank" means a character that is neither Python's whitespace nor JSON Schema's (ECMA) \s.
+NOT_BLANK = r"^[^\x00]*[^\s\x00\x1c-\x1f\x85\ufeff][^\x00]*$"
+# External ids: printable (no control characters), not blank.
+PRINTABLE_ID = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f\ufeff][^\x00-\x1f\x7f-\x9f]*$"
+_SCALAR = {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+FILTERS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "maxProperties": MAX_FILTER_KEYS,
+            "propertyNames": {"minLength": 1, "maxLength": 128, "pattern": NO_NUL},
+            "additionalProperties": {"anyOf": [
+                _SCALAR, {"type": "array", "minItems": 1, "maxItems": 100, "items": _SCALAR},
+            ]},
+        },
+        {"type": "null"},
+    ],
+    "description": "Metadata filters: {key: value} must match exactly; {key: [a, b]} matches any of them.",
+}
+
+
+def _json_int(value: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (as JSON Schema says); true and "5" are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema means it; the models are strict, so booleans and strings are refused.
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_json_int)]
+UpTo50 = Annotated[int, Field(ge=1, le=50), BeforeValidator(_json_int)]
+UpTo100 = Annotated[int, Field(ge=1, le=100), BeforeValidator(_json_int)]
+UpTo1000 = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_json_int)]
+
+
+def _schema(pattern: str | None = None, **settings_limits: str) -> Any:
+    """A field's JSON schema additions: a pattern the validators below enforce with clearer messages than
+    a regex would give, and limits that are settings (read when the schema is built)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        if pattern:
+            schema["pattern"] = pattern
+        for keyword, name in settings_limits.items():
+            schema[keyword] = getattr(get_settings(), name)
+
+    return extra
+
+
+def _text(value: Any, what: str, *, blank_ok: bool = False) -> Any:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{what} contains a NUL character")
+        if not blank_ok and not value.strip():
+            raise ValueError(f"{what} is blank")
+    return value
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -26,8 +107,13 @@ def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
     for key, option in value.items():
         if not key or len(key) > 128:
             raise ValueError("filter keys are 1-128 characters")
-        if isinstance(option, list) and not 1 <= len(option) <= 100:
-            raise ValueError(f"filter {key!r}: a list holds 1-100 values")
+        if isinstance(option, list):
+            if not 1 <= len(option) <= 100:
+                raise ValueError(f"filter {key!r}: a list holds 1-100 values")
+            if not all(_scalar(v) for v in option):
+                raise ValueError(f"filter {key!r}: each value in a list is a string, number, boolean or null")
+        elif not _scalar(option):
+            raise ValueError(f"filter {key!r}: a value is a string, number, boolean or null, or a list of them")
     problem = unstorable(value)
     if problem:
         raise ValueError(f"{problem}, which no stored metadata can hold")
@@ -37,7 +123,7 @@ def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
 class RetrievalIn(_In):
     """Per-request retrieval knobs; anything left out takes the server's setting."""
 
-    candidates: int | None = Field(default=None, ge=1, le=1000, description="Documents each leg brings in.")
+    candidates: UpTo1000 | None = Field(default=None, description="Documents each leg brings in.")
     fusion: Literal["zscore", "convex", "rrf"] | None = Field(
         default=None, description="How the two legs are fused."
     )
@@ -47,37 +133,37 @@ class RetrievalIn(_In):
     )
     bm25_k1: float | None = Field(default=None, ge=0, le=10)
     bm25_b: float | None = Field(default=None, ge=0, le=1)
-    rerank_depth: int | None = Field(default=None, ge=1, le=1000, description="Candidates the reranker reads.")
-    prf_docs: int | None = Field(default=None, ge=1, le=100)
+    rerank_depth: UpTo1000 | None = Field(default=None, description="Candidates the reranker reads.")
+    prf_docs: UpTo100 | None = None
     prf_beta: float | None = Field(default=None, ge=0, le=10)
 
 
 Mode = Literal["hybrid", "dense", "lexical"]
-RERANK_DESCRIPTION = "none, prf, or cross-encoder:<model name or path>; default: the server's setting."
+RERANK_DESCRIPTION = (
+    "none, prf, or cross-encoder:<model name or path>; default: the server's setting. Naming a cross-encoder "
+    "other than the configured one (PGSAGE_RERANK) needs an admin key: it loads that model into the server."
+)
+RERANK_PATTERN = r"^(none|prf|cross-encoder:\S.*)$"
 
 
 class SearchIn(_In):
-    query: str = Field(min_length=1, description="The text to search for.")
-    k: int = Field(default=10, ge=1, description="How many chunks to return.")
-    collection: str = Field(default="default", min_length=1, max_length=64)
-    filters: dict[str, Any] | None = Field(
-        default=None,
-        description="Metadata filters: {key: value} must match exactly; {key: [a, b]} matches any of them.",
-    )
-    ef_search: int | None = Field(default=None, ge=1, le=1000, description="HNSW ef_search for this query.")
+    query: str = Field(min_length=1, description="The text to search for.",
+                       json_schema_extra=_schema(NOT_BLANK, maxLength="max_query_chars"))
+    k: Positive = Field(default=10, description="How many chunks to return.",
+                   json_schema_extra=_schema(maximum="search_max_k"))
+    collection: CollectionName = "default"
+    filters: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(FILTERS_SCHEMA))
+    ef_search: UpTo1000 | None = Field(default=None, description="HNSW ef_search for this query.")
     mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
-    rerank: str | None = Field(default=None, max_length=500, description=RERANK_DESCRIPTION)
+    rerank: str | None = Field(default=None, max_length=500, pattern=RERANK_PATTERN, description=RERANK_DESCRIPTION)
     retrieval: RetrievalIn | None = None
 
-    @field_validator("query")
+    @field_validator("query", mode="before")
     @classmethod
-    def _query(cls, v: str) -> str:
+    def _query(cls, v: Any) -> Any:
         limit = get_settings().max_query_chars
-        if not v.strip():
-            raise ValueError("the query is blank")
-        if "\x00" in v:
-            raise ValueError("the query contains a NUL character")
-        if len(v) > limit:
+        _text(v, "the query")
+        if isinstance(v, str) and len(v) > limit:
             raise ValueError(f"the query is longer than {limit} characters")
         return v
 
@@ -96,16 +182,16 @@ class SearchIn(_In):
 
 
 class AskIn(_In):
-    question: str = Field(min_length=1)
-    k: int = Field(default=5, ge=1, le=50)
-    collection: str = Field(default="default", min_length=1, max_length=64)
-    filters: dict[str, Any] | None = None
+    question: str = Field(min_length=1, json_schema_extra=_schema(NOT_BLANK, maxLength="max_query_chars"))
+    k: UpTo50 = 5
+    collection: CollectionName = "default"
+    filters: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(FILTERS_SCHEMA))
     mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
-    rerank: str | None = Field(default=None, max_length=500, description=RERANK_DESCRIPTION)
+    rerank: str | None = Field(default=None, max_length=500, pattern=RERANK_PATTERN, description=RERANK_DESCRIPTION)
 
-    @field_validator("question")
+    @field_validator("question", mode="before")
     @classmethod
-    def _question(cls, v: str) -> str:
+    def _question(cls, v: Any) -> Any:
         return SearchIn._query(v)
 
     @field_validator("filters")
@@ -115,11 +201,12 @@ class AskIn(_In):
 
 
 class DocumentIn(_In):
-    text: str = Field(min_length=1)
-    title: str | None = Field(default=None, max_length=1000)
+    text: str = Field(min_length=1, json_schema_extra=_schema(NOT_BLANK))
+    title: str | None = Field(default=None, max_length=1000, json_schema_extra=_schema(NO_NUL))
     metadata: dict[str, Any] | None = None
-    external_id: str | None = Field(default=None, min_length=1, max_length=512)
-    collection: str = Field(default="default", min_length=1, max_length=64)
+    external_id: str | None = Field(default=None, min_length=1, max_length=512,
+                                    json_schema_extra=_schema(PRINTABLE_ID))
+    collection: CollectionName = "default"
 
 
 class ChunkOut(BaseModel):
@@ -217,11 +304,18 @@ class DocumentOut(BaseModel):
 
 
 class KeyIn(_In):
-    name: str = Field(min_length=1, max_length=200, description="What the key is for.")
+    name: str = Field(min_length=1, max_length=200, description="What the key is for.",
+                      json_schema_extra=_schema(NOT_BLANK))
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> Any:
+        return _text(v, "the name")
     role: Literal["read", "write", "admin"] = Field(description="read: search, ask, read; write: also ingest "
                                                     "and delete; admin: also re-index and keys.")
-    collections: list[str] = Field(min_length=1, max_length=100,
-                                   description="Collection names the key reaches, or ['*'] for all.")
+    collections: list[Annotated[str, Field(pattern=rf"^(?:{COLLECTION_RULE}|\*)$")]] = Field(
+        min_length=1, max_length=100, description="Collection names the key reaches, or ['*'] for all."
+    )
 
 
 class KeyOut(BaseModel):
@@ -240,5 +334,40 @@ class KeyCreated(KeyOut):
 
 
 class ErrorOut(BaseModel):
+    """Every error: a stable code and a message (or, for invalid input, the fields at fault)."""
+
     error: str
     detail: Any
+
+
+_ERRORS = {
+    400: "The request could not be parsed (malformed multipart, or a body that is not UTF-8).",
+    401: "No API key, or one that is not valid or has been revoked.",
+    403: "The key lacks the role, or does not reach the collection.",
+    404: "No such collection, document, job or key (or not one this key can see).",
+    409: "The action conflicts with the current state (a re-index running, nothing to roll back...).",
+    413: "The body, the upload or the number of documents is over its limit.",
+    415: "Unsupported file type or content type.",
+    422: "Invalid input: the fields at fault and why.",
+    429: "This key's rate limit is exceeded; retry after Retry-After seconds.",
+    502: "The language model did not answer.",
+    503: "The database or the task queue is unavailable; retry after Retry-After seconds.",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
+# Every /v1 operation can answer these (a key is checked, the body is limited, the database is needed).
+V1_ERRORS = (400, 401, 403, 413, 422, 429, 503)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an operation can answer, all with the ErrorOut body."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in sorted(codes):
+        out[code] = {"model": ErrorOut, "description": _ERRORS[code]}
+        if code in _HEADERS:
+            out[code]["headers"] = _HEADERS[code]
+    return out

@@ -17,11 +17,13 @@ from app.errors import BadInput, NotFound
 from app.ingest.chunk import ChunkSpan
 from app.ingest.load import LoadedDocument
 
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Collection names: 1-64 characters, letters, digits, '_', '.', '-' (the API schema uses the same rule).
+COLLECTION_RULE = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+COLLECTION_NAME = re.compile(COLLECTION_RULE)
 
 
 def check_collection_name(name: str) -> str:
-    if not isinstance(name, str) or not COLLECTION_NAME.match(name):
+    if not isinstance(name, str) or not COLLECTION_NAME.fullmatch(name):
         raise BadInput("collection names are 1-64 characters: letters, digits, '_', '.', '-'")
     return name
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from app.errors import BadInput
+from app.errors import BadInput, NotFound
 
 
 @dataclass
@@ -65,6 +66,18 @@ def is_known(name: str) -> bool:
     return name in ("none", "prf") or (name.startswith("cross-encoder:") and len(name) > len("cross-encoder:"))
 
 
+def _available(model: str) -> bool:
+    """Whether a model can be loaded without a download: a local folder, or in the Hugging Face cache."""
+    try:
+        if Path(model).expanduser().exists():
+            return True
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # not a valid repository id either
+        return False
+
+
 class RerankerPool:
     """Rerankers by name, each built on first use and kept for the life of the process."""
 
@@ -88,6 +101,9 @@ class RerankerPool:
                 return found
             if not name.startswith("cross-encoder:"):
                 raise BadInput(f"{name!r} is not a model-backed reranker")
+            model = name.split(":", 1)[1]
+            if not _available(model):
+                raise NotFound(f"no reranker model {model!r} on this server (neither a folder nor in its model cache)")
             try:
                 built = CrossEncoderReranker(name.split(":", 1)[1], self.device)
             except Exception as exc:  # a missing folder or a non-cross-encoder model

@@ -8,14 +8,19 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from app import keys
-from app.api.auth import require_admin
+from app.api.auth import Admin, require_admin
 from app.api.deps import ResourcesDep, SessionDep
-from app.api.schemas import KeyCreated, KeyIn, KeyOut
-from app.errors import NotFound
+from app.api.schemas import V1_ERRORS, KeyCreated, KeyIn, KeyOut, error_responses
+from app.errors import Conflict, NotFound
 from app.reindex import plan as planning
 from app.reindex.switch import rollback
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    responses=error_responses(*V1_ERRORS, 404, 409),
+    dependencies=[Depends(require_admin)],
+)
 
 
 @router.post("/reindex", status_code=202, summary="Re-index into the configured embedding model")
@@ -58,5 +63,7 @@ def list_keys(session: SessionDep, include_revoked: bool = False) -> list[dict[s
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut, summary="Revoke an API key; it stops working at once")
-def revoke_key(key_id: uuid.UUID, session: SessionDep) -> dict[str, Any]:
+def revoke_key(key_id: uuid.UUID, principal: Admin, session: SessionDep) -> dict[str, Any]:
+    if key_id == principal.key_id:
+        raise Conflict("this is the key making the request; revoke it with another admin key or `pgsage keys revoke`")
     return keys.revoke(session, str(key_id))

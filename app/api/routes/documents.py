@@ -14,14 +14,14 @@ from starlette.datastructures import UploadFile
 
 from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
-from app.api.schemas import DocumentIn, DocumentOut, IngestAccepted, JobOut
+from app.api.schemas import V1_ERRORS, DocumentIn, DocumentOut, IngestAccepted, JobOut, error_responses
 from app.db.session import session_scope
 from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
 from app.ingest.load import LoadedDocument, check_storable, load_json, load_upload
 from app.keys import Principal
 
-router = APIRouter(prefix="/v1", tags=["documents"])
+router = APIRouter(prefix="/v1", tags=["documents"], responses=error_responses(*V1_ERRORS, 404))
 log = logging.getLogger(__name__)
 
 UPLOAD_BODY = {
@@ -32,6 +32,7 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary",
                                  "description": "txt, md, html, pdf, or jsonl ({_id, title, text} per line)"},
@@ -119,6 +120,7 @@ def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -
 
 
 @router.post("/documents", status_code=202, response_model=IngestAccepted, openapi_extra=UPLOAD_BODY,
+             responses=error_responses(415),
              summary="Add or replace documents (file upload or JSON)")
 async def create_documents(request: Request, principal: Writer, resources: ResourcesDep) -> IngestAccepted:
     """Validate and store the documents, answer at once; a worker chunks and embeds them."""

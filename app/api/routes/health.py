@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from app.api.deps import Resources, ResourcesDep
+from app.api.schemas import error_responses
 from app.errors import Unavailable
 
 router = APIRouter(tags=["health"])
@@ -36,7 +37,7 @@ def _check(resources: Resources) -> dict[str, Any]:
     return checks
 
 
-@router.get("/readyz", summary="The database and the broker answer")
+@router.get("/readyz", summary="The database and the broker answer", responses=error_responses(503))
 async def readyz(resources: ResourcesDep) -> dict[str, Any]:
     checks = await run_in_threadpool(_check, resources)
     if any(v != "ok" for v in checks.values()):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.auth import Reader, check_collection
+from app.api.auth import Reader, check_collection, check_reranker
 from app.api.deps import ResourcesDep, SessionDep
-from app.api.schemas import AskIn, AskOut, ChunkOut, SearchIn, SearchOut, SpaceRef
+from app.api.schemas import V1_ERRORS, AskIn, AskOut, ChunkOut, SearchIn, SearchOut, SpaceRef, error_responses
 from app.query.pipeline import SearchRequest
 
-router = APIRouter(prefix="/v1", tags=["search"])
+router = APIRouter(prefix="/v1", tags=["search"], responses=error_responses(*V1_ERRORS, 404))
 
 
 @router.post("/search", response_model=SearchOut, summary="Ranked chunks for a query")
 def search(body: SearchIn, principal: Reader, session: SessionDep, resources: ResourcesDep) -> SearchOut:
     check_collection(principal, body.collection, "read")
+    check_reranker(principal, body.rerank, resources.settings.rerank)
     pipeline = resources.query
     overrides = body.retrieval.model_dump(exclude_none=True) if body.retrieval else {}
     overrides.update(mode=body.mode, rerank=body.rerank)
@@ -46,9 +47,11 @@ def search(body: SearchIn, principal: Reader, session: SessionDep, resources: Re
     )
 
 
-@router.post("/ask", response_model=AskOut, summary="An answer with citations to the chunks it used")
+@router.post("/ask", response_model=AskOut, responses=error_responses(502),
+             summary="An answer with citations to the chunks it used")
 def ask(body: AskIn, principal: Reader, session: SessionDep, resources: ResourcesDep) -> AskOut:
     check_collection(principal, body.collection, "read")
+    check_reranker(principal, body.rerank, resources.settings.rerank)
     request = SearchRequest(body.question, body.k, body.collection, body.filters,
                             overrides={"mode": body.mode, "rerank": body.rerank})
     answer = resources.query.ask(session, request)
