@@ -86,7 +86,8 @@ def api(
     host = host or settings.api_host
     port = port or settings.api_port
     uvicorn.run(
-        "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info", proxy_headers=True
+        "app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info",
+        proxy_headers=True, timeout_keep_alive=settings.api_keep_alive_seconds,
     )
 
 
@@ -199,6 +200,8 @@ def up(
                 str(port),
                 "--log-level",
                 "warning",
+                "--timeout-keep-alive",
+                str(settings.api_keep_alive_seconds),
             ],
             env=child_env,
         ),

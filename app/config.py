@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    # Idle keep-alive connections stay open this long. Longer than clients' and load balancers' own idle
+    # timeouts (httpx: 5 s, AWS ALB: 60 s), so the server never closes a connection a client is reusing.
+    api_keep_alive_seconds: int = Field(default=75, ge=1, le=3600)
 
     @field_validator("redis_url", "llm_base_url", "llm_model", "embedding_revision", "reindex_eval_dir", mode="before")
     @classmethod

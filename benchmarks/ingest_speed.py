@@ -349,7 +349,8 @@ def api_server(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, int]]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port)],
+             "--host", "127.0.0.1", "--port", str(port),
+             "--timeout-keep-alive", str(Settings().api_keep_alive_seconds)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
