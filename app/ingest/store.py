@@ -146,17 +146,17 @@ def hold(session: Session, ids: Sequence[uuid.UUID]) -> None:
         )
 
 
-def claim(session: Session, doc_id: uuid.UUID) -> int | None:
-    """Take a queued document up: count the attempt and stamp the claim. Its attempt number, or None if
-    it is no longer queued (indexed by another delivery, deleted, failed)."""
-    attempts = session.execute(
+def claim(session: Session, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Take queued documents up: count the attempt and stamp the claim. Their attempt numbers; a document
+    missing from the answer is no longer queued (indexed by another delivery, deleted, failed)."""
+    rows = session.execute(
         text(
             "UPDATE documents SET attempts = attempts + 1, claimed_at = now() "
-            "WHERE id = :id AND status = 'queued' RETURNING attempts"
+            "WHERE id = ANY(:ids) AND status = 'queued' RETURNING id, attempts"
         ),
-        {"id": doc_id},
-    ).scalar()
-    return None if attempts is None else int(attempts)
+        {"ids": list(ids)},
+    ).all()
+    return {r.id: int(r.attempts) for r in rows}
 
 
 def claim_stalled(session: Session, older_than_minutes: int, lease_seconds: int, limit: int) -> list[uuid.UUID]:
