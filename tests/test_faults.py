@@ -243,7 +243,7 @@ def test_redis_restarted_during_ingestion(
 
 
 def test_postgres_stopped_gives_503_and_the_api_recovers_by_itself(
-    service_env: dict[str, str], tmp_path: Path
+    service_env: dict[str, str], chunker: Chunker, tmp_path: Path
 ) -> None:
     pg = OwnPostgres(tmp_path / "db")
     try:
@@ -288,6 +288,12 @@ def test_postgres_stopped_gives_503_and_the_api_recovers_by_itself(
                 ]
                 assert client.get("/readyz").status_code == 200
                 assert client.get(job_url).json()["state"] == "succeeded"
+            # Exactly what was there before the outage; the upload refused during it left nothing.
+            own = create_engine(pg.url)
+            try:
+                assert_complete(own, "pg", rows, chunker)
+            finally:
+                own.dispose()
         finally:
             worker.stop()
     finally:
