@@ -52,7 +52,13 @@ import psycopg  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from app.config import Settings  # noqa: E402
-from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database  # noqa: E402
+from tests.fixtures.services import (  # noqa: E402
+    WorkerProcess,
+    free_port,
+    migrate,
+    postgres_server,
+    scratch_database,
+)
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "ingest_speed.json"
@@ -287,12 +293,6 @@ def measure_raw(settings: Settings, prep: Prepared, grouped: bool) -> dict[str, 
 # --- (b) end-to-end ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 _TASK_DONE = re.compile(r"Task ingest\.process_documents\[[^\]]+\] succeeded in ([0-9.]+)s")
 _BATCH = re.compile(r"ingest batch: .*; load ([0-9.]+)s chunk ([0-9.]+)s embed ([0-9.]+)s store ([0-9.]+)s")
 
@@ -345,7 +345,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
 @contextlib.contextmanager
 def api_server(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, int]]:
     """The API under uvicorn in a subprocess (one process, no reload); yields its base URL and pid."""
-    port = _free_port()
+    port = free_port()
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",

@@ -38,20 +38,21 @@ def world(client: TestClient, worker: Any, settings: Settings) -> World:
     suffix = uuid.uuid4().hex[:8]
     a, b = f"acc-a-{suffix}", f"acc-b-{suffix}"
     ids = {}
+    engine = create_engine(settings.database_url or "")
     for name, body in ((a, "Collection A talks about tea gardens and the picking of leaves."), (b, SECRET_B)):
         r = upload(client, "doc.txt", body.encode(), name)
         assert r.status_code == 202, r.text
         job = wait_for_job(client, r.json()["job_id"])
         assert job["state"] == "succeeded", job
-        engine = create_engine(settings.database_url or "")
         with engine.connect() as conn:
             doc_id = conn.execute(
                 text("SELECT d.id FROM documents d JOIN collections c ON c.id = d.collection_id WHERE c.name = :n"),
                 {"n": name},
             ).scalar_one()
-            reindex_job = conn.execute(text("SELECT id FROM jobs WHERE collection_id IS NULL LIMIT 1")).scalar()
-        engine.dispose()
         ids[name] = (str(doc_id), job["id"])
+    with engine.connect() as conn:
+        reindex_job = conn.execute(text("SELECT id FROM jobs WHERE collection_id IS NULL LIMIT 1")).scalar()
+    engine.dispose()
     return World(a, b, ids[a][0], ids[b][0], ids[a][1], ids[b][1], str(reindex_job) if reindex_job else None)
 
 

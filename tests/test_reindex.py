@@ -30,14 +30,13 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
-from app.config import Settings
 from app.db.session import session_scope
 from app.embedding import CHUNKER_VERSION, Embedder, ModelSpec
 from app.main import create_app
 from app.reindex.plan import cancel, plan
 from app.reindex.switch import switch
 from tests.fixtures.helpers import as_admin, upload, wait_for_job
-from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database
+from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database, settings_of
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 SCIFACT = Path(__file__).parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
@@ -130,13 +129,6 @@ def service_env(url: str, redis_url: str, **knobs: str) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         **knobs,
     }
-
-
-def settings_of(env: dict[str, str]) -> Settings:
-    """The Settings a process started with env reads (built here: get_settings() is cached)."""
-    values: dict[str, Any] = {"embedding_revision": None, "embedding_pooling": None, "embedding_dimension": None}
-    values.update({k.removeprefix("PGSAGE_").lower(): v for k, v in env.items() if k.startswith("PGSAGE_")})
-    return Settings(**values)
 
 
 @contextmanager
