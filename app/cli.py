@@ -265,7 +265,7 @@ def _demo(url: str, database: str | None) -> None:
             row, key = keys.create(session, "pgsage up demo", "write", ["docs"])
         try:
             with _client(url, key) as client:
-                failures = _ingest_files(client, files, "docs", {}, wait=True)
+                failures = _ingest_files(client, [(f, f.name) for f in files], "docs", {}, wait=True)
                 if failures:
                     raise typer.Exit(1)
                 typer.echo(f"\n$ pgsage ask --collection docs {json.dumps(DEMO_QUESTION)}")
@@ -293,49 +293,76 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.ConnectError:
-        raise typer.Exit(
-            _fail(
-                f"pgsage is not answering at {client.base_url}: start it with `pgsage up`, "
-                "or point --url / PGSAGE_URL at it"
-            )
-        ) from None
+        raise typer.Exit(_fail(_not_answering(client))) from None
     except httpx.HTTPError as exc:
         raise typer.Exit(_fail(f"request to {client.base_url}{path} failed: {exc}")) from None
     if response.status_code >= 400:
-        try:
-            body = response.json()
-            detail = body.get("detail")
-            message = detail.get("message") if isinstance(detail, dict) else detail
-            message = message if isinstance(message, str) else json.dumps(detail)
-        except ValueError:
-            message = response.text[:500]
-        if response.status_code == 401:
-            message += "; set PGSAGE_API_KEY to a key from `pgsage keys create`"
-        raise typer.Exit(_fail(f"{response.status_code}: {message}"))
+        raise typer.Exit(_fail(_refusal(response)))
     return response.json() if response.content else None
 
 
-def _expand(paths: list[Path]) -> Iterator[Path]:
+def _not_answering(client: httpx.Client) -> str:
+    return (f"pgsage is not answering at {client.base_url}: start it with `pgsage up`, "
+            "or point --url / PGSAGE_URL at it")
+
+
+def _detail_message(detail: Any) -> str:
+    """The message of an error body's detail ({"message", "info"}, a string, or a list of field errors)."""
+    message = detail.get("message") if isinstance(detail, dict) else detail
+    return message if isinstance(message, str) else json.dumps(detail)
+
+
+def _refusal(response: httpx.Response) -> str:
+    """An error response as one line: its status and message."""
+    try:
+        message = _detail_message(response.json().get("detail"))
+    except ValueError:
+        message = response.text[:500]
+    if response.status_code == 401:
+        message += "; set PGSAGE_API_KEY to a key from `pgsage keys create`"
+    return f"{response.status_code}: {message}"
+
+
+def _expand(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+    """Each supported file with its external id: its POSIX path relative to the folder given, or its name."""
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+            yield from ((p, p.relative_to(path).as_posix()) for p in found)
         elif path.is_file():
-            yield path
+            yield path, path.name
         else:
             raise typer.Exit(_fail(f"{path} does not exist"))
 
 
+def _distinct(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """The files once each; two different files that would share an id stop the run before any upload."""
+    # Two uploads under one id replace each other while each job counts its document as indexed.
+    seen: dict[str, Path] = {}
+    out: list[tuple[Path, str]] = []
+    for path, name in files:
+        if name not in seen:
+            seen[name] = path
+            out.append((path, name))
+        elif seen[name].resolve() != path.resolve():
+            raise typer.Exit(_fail(
+                f"{seen[name]} and {path} would both be stored as {name!r}; "
+                "ingest the folder that holds both, or each into its own collection"
+            ))
+    return out
+
+
 def _ingest_files(
-    client: httpx.Client, files: list[Path], collection: str, metadata: dict[str, Any], *, wait: bool,
-    err: bool = False,
+    client: httpx.Client, files: list[tuple[Path, str]], collection: str, metadata: dict[str, Any], *,
+    wait: bool, err: bool = False,
 ) -> int:
     from tqdm import tqdm
 
     jobs: list[str] = []
     rejected: list[tuple[Path, str]] = []
-    for path in tqdm(files, desc="uploading", unit="file", disable=len(files) < 2):
+    for path, name in tqdm(files, desc="uploading", unit="file", disable=len(files) < 2):
         with path.open("rb") as f:
-            data = {"collection": collection}
+            data = {"collection": collection, "path": name}
             if metadata:
                 data["metadata"] = json.dumps(metadata)
             try:
@@ -395,7 +422,7 @@ def ingest(
             raise typer.Exit(_fail(f"--metadata is not JSON: {exc.msg}")) from None
         if not isinstance(extra, dict):
             raise typer.Exit(_fail("--metadata must be a JSON object"))
-    files = list(_expand(paths))
+    files = _distinct(list(_expand(paths)))
     if not files:
         raise typer.Exit(_fail("no supported files found"))
     with _client(url) as client:
@@ -447,7 +474,11 @@ def search(
 
 def _print_answer(result: dict[str, Any]) -> None:
     typer.echo(f"\n{result['answer']}\n")
-    for c in result["citations"]:
+    _print_citations(result["citations"])
+
+
+def _print_citations(citations: list[dict[str, Any]]) -> None:
+    for c in citations:
         typer.echo(
             f"  [{c['n']}] {c['title'] or c['external_id']}  ({c['external_id']}, chunk {c['chunk_id']}, "
             f"score {c['score']:.3f})"
@@ -461,17 +492,73 @@ def ask(
     collection: CollectionOpt = "default",
     mode: ModeOpt = None,
     rerank: RerankOpt = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Print the answer as it is written (with --json: each event as a JSON line)."
+    )] = False,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
     """Answer a question from the documents, citing the chunks used."""
     body = {"question": question, "k": k, "collection": collection, "mode": mode, "rerank": rerank}
     with _client(url) as client:
+        if stream:
+            _stream_answer(client, body, as_json=as_json)
+            return
         result = _call(client, "POST", "/v1/ask", json=body)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         _print_answer(result)
+
+
+def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, Any]]:
+    """(name, JSON data) of each Server-Sent Event in the lines of a response."""
+    name, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif not line.startswith(":"):  # a comment (keep-alive)
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+
+
+def _stream_answer(client: httpx.Client, body: dict[str, Any], *, as_json: bool) -> None:
+    """Prints a streamed answer as its tokens arrive, then its citations; an error event exits 1."""
+    started = False
+    try:
+        with client.stream("POST", "/v1/ask", json={**body, "stream": True}) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise typer.Exit(_fail(_refusal(response)))
+            for name, data in _sse_events(response.iter_lines()):
+                if as_json:
+                    typer.echo(json.dumps({"event": name, "data": data}))
+                elif name == "token":
+                    if not started:
+                        typer.echo()
+                        started = True
+                    typer.echo(data["text"], nl=False)
+                elif name == "done":
+                    # A not-found answer comes with no tokens, only here.
+                    typer.echo("\n" if started else f"\n{data['answer']}\n")
+                    _print_citations(data["citations"])
+                if name == "error":
+                    if started:
+                        typer.echo()  # end the partial answer's line
+                    raise typer.Exit(_fail(f"{data.get('error')}: {_detail_message(data.get('detail'))}"))
+                if name == "done":
+                    return
+    except httpx.ConnectError:
+        raise typer.Exit(_fail(_not_answering(client))) from None
+    except httpx.HTTPError as exc:
+        raise typer.Exit(_fail(f"the answer stream from {client.base_url} broke: {exc}")) from None
+    raise typer.Exit(_fail("the answer stream ended before its last event"))
 
 
 @app.command()
@@ -561,9 +648,77 @@ def reindex(
             raise typer.Exit(1)
 
 
+def _collection_name(prefix: str, folder: Path) -> str:
+    """A collection named after a folder: its name's characters a collection name allows, others as '-'."""
+    return prefix + "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in folder.resolve().name)
+
+
+def _eval_qa(
+    folder: Path, qa: Path, name: str, url: str, *, k: int, mode: str | None, rerank: str | None,
+    search_options: dict[str, Any], max_questions: int | None, sample: int | None, seed: int, as_json: bool,
+) -> None:
+    """`pgsage eval DIR --qa FILE`: search and ask each question, scored on its gold answers."""
+    from tqdm import tqdm
+
+    from app.eval.qa import Passage, QuestionResult, load_questions, score, select
+
+    if not folder.is_dir():
+        raise typer.Exit(_fail(f"{folder} is not a folder of documents"))
+    try:
+        questions = select(load_questions(qa), max_questions=max_questions, sample=sample, seed=seed)
+    except (OSError, ValueError) as exc:
+        raise typer.Exit(_fail(f"{qa} is not a readable question file: {exc}")) from None
+    if not questions:
+        raise typer.Exit(_fail(f"{qa} has no questions to score"))
+    files = list(_expand([folder]))
+    if not files:
+        raise typer.Exit(_fail(f"{folder} holds no supported files"))
+    missing = sorted({q.document for q in questions} - {external_id for _, external_id in files})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise typer.Exit(_fail(f"{len(missing)} document(s) named in {qa} are not in {folder}: {shown}"))
+    if any(v is not None for v in search_options.values()):
+        typer.echo("note: the retrieval knobs apply to /v1/search only; /v1/ask takes mode and rerank", err=True)
+    search_body = {"k": k, "collection": name, "group": "passage", "mode": mode, "rerank": rerank, **search_options}
+    ask_body = {"k": k, "collection": name, "mode": mode, "rerank": rerank}
+    results: list[QuestionResult] = []
+    with _client(url) as client:
+        have = next((c for c in _call(client, "GET", "/v1/status")["collections"] if c["name"] == name), None)
+        if have is None or have["indexed"] < len(files):
+            typer.echo(f"ingesting {len(files)} files of {folder} into collection {name!r}...", err=True)
+            if _ingest_files(client, files, name, {}, wait=True, err=True):
+                raise typer.Exit(_fail("the documents did not ingest cleanly; see above"))
+        for question in tqdm(questions, desc="questions", unit="q", disable=as_json):
+            started = time.perf_counter()
+            found = _call(client, "POST", "/v1/search", json={**search_body, "query": question.question})
+            search_ms = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            answered = _call(client, "POST", "/v1/ask", json={**ask_body, "question": question.question})
+            ask_ms = (time.perf_counter() - started) * 1000
+            passages = [Passage(hit["external_id"], hit["text"]) for hit in found["results"]]
+            results.append(QuestionResult(question, passages, answered["answer"], search_ms, ask_ms))
+    scores = score(results, k)
+    out: dict[str, Any] = {key: round(v, 1 if "latency" in key else 4) for key, v in scores.items()}
+    out.update(questions=len(results), collection=name, k=k, mode=found["mode"], rerank=found["rerank"],
+               answer_mode=answered["mode"])
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"{len(results)} questions on {name} (k {k}, mode {out['mode']}, rerank {out['rerank']})")
+    for key in dict.fromkeys(("passage_hit@1", f"passage_hit@{k}", "document@1", "answer_holds")):
+        typer.echo(f"  {key:<16}{out[key]:.4f}")
+    typer.echo(f"  answer length   {out['mean_answer_words']:.1f} words on average ({out['answer_mode']})")
+    for name in ("search", "ask"):
+        p50, p95 = out[f"{name}_latency_ms_p50"], out[f"{name}_latency_ms_p95"]
+        typer.echo(f"  {name + ' latency':<16}p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+
+
 @app.command(name="eval")
 def eval_(
-    folder: Annotated[Path, typer.Argument(help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")],
+    folder: Annotated[
+        Path, typer.Argument(help="A BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv); with --qa, "
+                             "a folder of documents.")
+    ],
     split: Annotated[str, typer.Option(help="The qrels split to score (qrels/SPLIT.tsv).")] = "test",
     collection: Annotated[
         str | None, typer.Option("--collection", "-c", help="Collection for the corpus (default: beir-FOLDER).")
@@ -581,17 +736,39 @@ def eval_(
     prf_beta: Annotated[float | None, typer.Option(help="Weight of the feedback centroid (prf).")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW ef_search.")] = None,
     max_queries: Annotated[int | None, typer.Option(help="Score only the first N judged queries.")] = None,
+    qa: Annotated[
+        Path | None, typer.Option(help="Questions with gold answers (JSON Lines of id, question, answers, "
+                                  "document): score passages and answers over the documents in FOLDER.")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Passages searched and chunks read per question (--qa).")] = 5,
+    max_questions: Annotated[int | None, typer.Option(help="Only the first N questions (--qa).")] = None,
+    sample: Annotated[int | None, typer.Option(help="A random sample of N questions (--qa; see --seed).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --sample.")] = 0,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
     """Score retrieval on a labelled BEIR set through the running service (ingesting the corpus if needed).
 
     Prints nDCG@10, Recall@10, Recall@100, MRR@10 and search latency p50/p95 (client-measured).
+
+    With --qa (documents in FOLDER, collection qa-FOLDER): passage hit@1/@k, document@1, answer holds.
     """
     import statistics
 
     from app.eval.beir import load_qrels, load_queries
     from app.eval.metrics import evaluate
+
+    knobs = {
+        "candidates": candidates, "fusion": fusion, "dense_weight": dense_weight,
+        "document_weight": document_weight, "bm25_k1": bm25_k1, "bm25_b": bm25_b,
+        "rerank_depth": rerank_depth, "prf_docs": prf_docs, "prf_beta": prf_beta,
+    }
+    retrieval = {key: value for key, value in knobs.items() if value is not None} or None
+    if qa is not None:
+        _eval_qa(folder, qa, collection or _collection_name("qa-", folder), url, k=k, mode=mode, rerank=rerank,
+                 search_options={"ef_search": ef_search, "retrieval": retrieval}, max_questions=max_questions,
+                 sample=sample, seed=seed, as_json=as_json)
+        return
 
     corpus = folder / "corpus.jsonl"
     try:
@@ -601,23 +778,18 @@ def eval_(
         raise typer.Exit(_fail(f"{folder} is not a readable BEIR folder: {exc}")) from None
     if not corpus.is_file():
         raise typer.Exit(_fail(f"{corpus} is missing"))
-    name = collection or "beir-" + "".join(ch if ch.isalnum() or ch in "_.-" else "-" for ch in folder.resolve().name)
+    name = collection or _collection_name("beir-", folder)
     ids = [q for q in qrels if q in queries][:max_queries]
     if not ids:
         raise typer.Exit(_fail(f"no query of {split!r} has both a text and labels"))
-    knobs = {
-        "candidates": candidates, "fusion": fusion, "dense_weight": dense_weight,
-        "document_weight": document_weight, "bm25_k1": bm25_k1, "bm25_b": bm25_b,
-        "rerank_depth": rerank_depth, "prf_docs": prf_docs, "prf_beta": prf_beta,
-    }
     body: dict[str, Any] = {"k": 100, "collection": name, "mode": mode, "rerank": rerank, "ef_search": ef_search,
-                            "retrieval": {k: v for k, v in knobs.items() if v is not None} or None}
+                            "retrieval": retrieval}
     with _client(url) as client:
         lines = sum(1 for line in corpus.open(encoding="utf-8") if line.strip())
         have = next((c for c in _call(client, "GET", "/v1/status")["collections"] if c["name"] == name), None)
         if have is None or have["indexed"] < lines:
             typer.echo(f"ingesting {corpus} into collection {name!r}...", err=True)
-            if _ingest_files(client, [corpus], name, {}, wait=True, err=True):
+            if _ingest_files(client, [(corpus, corpus.name)], name, {}, wait=True, err=True):
                 raise typer.Exit(_fail("the corpus did not ingest cleanly; see above"))
         rankings: dict[str, list[str]] = {}
         latencies: list[float] = []

@@ -60,11 +60,18 @@ class Settings(BaseSettings):
 
     # Retrieval: dense (HNSW over chunk vectors) and lexical (BM25) legs, fused, then reranked.
     search_mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    # passage: the k best chunks (several per document allowed); document: one result per document.
+    search_group: Literal["passage", "document"] = "passage"
     search_candidates: int = Field(default=100, ge=1, le=1000)
     # Defaults chosen on the SciFact train split (benchmarks/retrieval_tuning.py, BENCHMARKS.md).
     search_fusion: Literal["zscore", "convex", "rrf"] = "zscore"
     search_dense_weight: float = Field(default=0.5, ge=0, le=1)
     search_document_weight: float = Field(default=0.5, ge=0, le=10)
+    # Passage ranking (chosen on the squad-articles dev questions, BENCHMARKS.md): the dense leg's share
+    # beside BM25, the weight of the passage's document (its vector and BM25), and of its best sentence.
+    passage_dense_weight: float = Field(default=0.35, ge=0, le=1)
+    passage_document_weight: float = Field(default=0.25, ge=0, le=10)
+    passage_sentence_weight: float = Field(default=1.0, ge=0, le=10)
     bm25_k1: float = Field(default=0.9, ge=0, le=10)
     bm25_b: float = Field(default=0.4, ge=0, le=1)
     rerank: str = "none"
@@ -78,7 +85,10 @@ class Settings(BaseSettings):
     search_max_k: int = Field(default=100, ge=1, le=1000)
     max_query_chars: int = Field(default=2000, ge=16)
     answer_min_score: float = Field(default=0.30, ge=-1.0, le=1.0)
-    answer_max_sentences: int = Field(default=3, ge=1, le=20)
+    # The extractive answer quotes at most this many sentences, and a second one only while the answer
+    # stays within answer_max_words words.
+    answer_max_sentences: int = Field(default=2, ge=1, le=20)
+    answer_max_words: int = Field(default=45, ge=5, le=1000)
 
     # Optional OpenAI-compatible LLM for generated answers.
     llm_base_url: str | None = None

@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from app.config import Settings
+from app.ingest.chunk import CHUNKER_VERSION
 
 log = logging.getLogger(__name__)
 
-# Bump when the chunker changes in a way that changes the stored vectors.
-CHUNKER_VERSION = 1
 _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
@@ -69,10 +68,21 @@ class ModelSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     @property
+    def chunker(self) -> str:
+        """The name of the chunk set this spec reads: spaces with equal names share their chunks."""
+        return chunker_key(self.params)
+
+    @property
     def params(self) -> dict[str, Any]:
         return {"chunk_max_tokens": self.chunk_max_tokens,
                 "chunk_overlap_tokens": self.chunk_overlap_tokens,
                 "chunker_version": self.chunker_version}
+
+
+def chunker_key(params: dict[str, Any]) -> str:
+    """A chunk set's name from a space's chunking parameters: version, token budget, overlap."""
+    return (f"v{params.get('chunker_version', 1)}:{params.get('chunk_max_tokens')}:"
+            f"{params.get('chunk_overlap_tokens')}")
 
 
 class Embedder:

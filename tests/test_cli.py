@@ -237,3 +237,93 @@ def test_eval_scores_a_beir_folder_through_the_service(
     missing = _pgsage("eval", str(folder), "--split", "nope", env=env)
     assert missing.returncode == 1
     assert "no qrels for split 'nope'" in missing.stderr
+
+
+QA_DOCUMENTS = {
+    "lighthouse.md": "# The Lindesnes lighthouse\n\nThe Lindesnes lighthouse stands at the southern tip of Norway. "
+    "It was first lit in 1656, which makes it the oldest lighthouse in the country.\n\nIts light can be seen "
+    "17 nautical miles out to sea.\n",
+    "glacier.md": "# The Jostedal Glacier\n\nThe Jostedal Glacier is the largest glacier in continental Europe. "
+    "It covers 487 square kilometres of the mountains of western Norway.\n",
+    "tea.md": "# Matcha\n\nMatcha is a fine powder of green tea leaves grown in the shade. The Japanese tea "
+    "ceremony, called chanoyu, centres on preparing and serving matcha.\n",
+}
+QA_QUESTIONS = [
+    {"id": "1", "question": "When was the Lindesnes lighthouse first lit?", "answers": ["1656"],
+     "document": "lighthouse.md"},
+    {"id": "2", "question": "How large is the Jostedal Glacier?", "answers": ["487 square kilometres", "487"],
+     "document": "glacier.md"},
+    {"id": "3", "question": "What is the Japanese tea ceremony called?", "answers": ["chanoyu"],
+     "document": "tea.md"},
+    {"id": "4", "question": "How far out to sea can the light of Lindesnes be seen?",
+     "answers": ["17 nautical miles"], "document": "lighthouse.md"},
+    # Its gold answer is in no document: no passage and no answer can hold it.
+    {"id": "5", "question": "Who designed the Lindesnes lighthouse?", "answers": ["Gustave Eiffel"],
+     "document": "lighthouse.md"},
+]
+
+
+def test_eval_qa_scores_passages_and_answers_through_the_service(
+    running: tuple[str, dict[str, str], str], tmp_path: Path
+) -> None:
+    from app.eval.qa import Passage, Question, QuestionResult, score
+
+    url, env, _ = running
+    folder = tmp_path / "mini-qa"
+    folder.mkdir()
+    for name, text in QA_DOCUMENTS.items():
+        (folder / name).write_text(text)
+    qa = tmp_path / "questions.jsonl"
+    qa.write_text("".join(json.dumps(q) + "\n" for q in QA_QUESTIONS))
+
+    r = _pgsage("eval", str(folder), "--qa", str(qa), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "ingesting 3 files" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["collection"] == "qa-mini-qa"
+    assert out["questions"] == 5
+    assert out["k"] == 5
+    # Four gold answers are in the corpus and five passages are read; the fifth is nowhere.
+    assert out["passage_hit@5"] == 0.8
+    assert 0.6 <= out["passage_hit@1"] <= 0.8
+    assert out["document@1"] >= 0.8
+    assert 0.4 <= out["answer_holds"] <= 0.8
+    assert out["mean_answer_words"] > 0
+    for name in ("search", "ask"):
+        assert 0 < out[f"{name}_latency_ms_p50"] <= out[f"{name}_latency_ms_p95"]
+
+    # The same figures, computed here from the service's own answers.
+    headers = {"Authorization": f"Bearer {env['PGSAGE_API_KEY']}"}
+    results = []
+    for q in QA_QUESTIONS:
+        found = httpx.post(f"{url}/v1/search", headers=headers, timeout=60, json={
+            "query": q["question"], "k": 5, "collection": out["collection"], "group": "passage"})
+        assert found.status_code == 200, found.text
+        answered = httpx.post(f"{url}/v1/ask", headers=headers, timeout=60, json={
+            "question": q["question"], "k": 5, "collection": out["collection"]})
+        assert answered.status_code == 200, answered.text
+        passages = [Passage(h["external_id"], h["text"]) for h in found.json()["results"]]
+        question = Question(q["id"], q["question"], tuple(q["answers"]), q["document"])
+        results.append(QuestionResult(question, passages, answered.json()["answer"], 1.0, 1.0))
+    expected = score(results, 5)
+    for key in ("passage_hit@1", "passage_hit@5", "document@1", "answer_holds", "mean_answer_words"):
+        assert out[key] == pytest.approx(expected[key], abs=1e-4), key
+
+    again = _pgsage("eval", str(folder), "--qa", str(qa), "--max-questions", "2", "--mode", "lexical", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "ingesting" not in again.stderr  # the documents are already there
+    assert "2 questions on qa-mini-qa (k 5, mode lexical" in again.stdout
+    assert "passage_hit@1" in again.stdout
+    assert "ask latency" in again.stdout
+
+    sampled = _pgsage("eval", str(folder), "--qa", str(qa), "--sample", "3", "--seed", "1", "--json", env=env)
+    assert sampled.returncode == 0, sampled.stderr
+    assert json.loads(sampled.stdout)["questions"] == 3
+
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({**QA_QUESTIONS[0], "document": "no-such-file.md"}) + "\n")
+    missing = _pgsage("eval", str(folder), "--qa", str(stray), env=env)
+    assert missing.returncode == 1
+    assert "1 document(s) named in" in missing.stderr
+    assert "no-such-file.md" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
+from app.embedding import chunker_key
 from app.ingest import store
 from app.ingest.chunk import ChunkSpan
 from app.ingest.load import LoadedDocument
@@ -61,6 +62,7 @@ def corpus(client: TestClient, settings: Settings) -> Iterator[Corpus]:
         space = spaces.active(session)
         assert space is not None, "the client fixture registers and activates the model's space"
         dim, mid = int(space.dimension), int(space.id)
+        space_params = dict(space.params or {})
         cid = store.collection_id(session, name, create=True)
         job = store.create_job(session, "ingest", cid, {"documents": N_DOCS})
         docs = [LoadedDocument(f"doc-{i:04d}", None, f"Synthetic document number {i}.", source="test",
@@ -78,7 +80,9 @@ def corpus(client: TestClient, settings: Settings) -> Iterator[Corpus]:
             for doc in store.pending_documents(session, queued[part::WRITERS]):
                 vec = vectors[number[doc.content]]  # the same vector for the same document on every run
                 chunk = ChunkSpan(0, doc.content, 8, 0, len(doc.content))
-                assert store.write_document(session, doc, [chunk], {mid: vec[np.newaxis, :]})
+                assert store.write_document(
+                    session, doc, [store.ChunkSet(chunker_key(space_params), [chunk], {mid: vec[np.newaxis, :]})]
+                )
 
     with ThreadPoolExecutor(WRITERS) as pool:
         list(pool.map(write, range(WRITERS)))  # the HNSW inserts dominate; two backends share them

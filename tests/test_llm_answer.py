@@ -28,8 +28,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
+from app.query.answer import resolve_citations
 from tests.fixtures.helpers import as_admin, wait_for_job
 from tests.fixtures.services import free_port
+from tests.test_ask_stream import sse_events
 
 pytestmark = pytest.mark.llm
 
@@ -116,7 +118,12 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 class RecordingProxy(ThreadingHTTPServer):
-    """Forwards every request to `upstream` verbatim and keeps (method, path, JSON body) of each."""
+    """Forwards every request to `upstream` verbatim and keeps (method, path, JSON body) of each.
+
+    A streamed (SSE) reply is relayed as it arrives and each of its data lines kept in `streamed`;
+    with `cut_after` set, the connection is dropped after that many data lines, as if the model
+    server went away.
+    """
 
     daemon_threads = True
 
@@ -125,6 +132,8 @@ class RecordingProxy(ThreadingHTTPServer):
         self.upstream = upstream
         self.http = httpx.Client(timeout=300)
         self.records: list[dict[str, Any]] = []
+        self.streamed: list[str] = []
+        self.cut_after: int | None = None
         self.lock = threading.Lock()
 
     @property
@@ -137,6 +146,8 @@ class RecordingProxy(ThreadingHTTPServer):
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
+    # HTTP/1.1, so a streamed reply is chunked and a connection dropped before its last chunk is an error.
+    protocol_version = "HTTP/1.1"
     SKIP_HEADERS = frozenset({"host", "content-length", "connection", "accept-encoding", "transfer-encoding",
                               "content-encoding", "keep-alive"})
 
@@ -148,15 +159,40 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             proxy.records.append({"method": self.command, "path": self.path,
                                   "body": json.loads(body) if body else None})
         headers = {k: v for k, v in self.headers.items() if k.lower() not in self.SKIP_HEADERS}
-        upstream = proxy.http.request(self.command, proxy.upstream + self.path, content=body,
-                                      headers={**headers, "accept-encoding": "identity"})
-        self.send_response(upstream.status_code)
-        for k, v in upstream.headers.items():
-            if k.lower() not in self.SKIP_HEADERS:
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(upstream.content)))
+        request = proxy.http.build_request(self.command, proxy.upstream + self.path, content=body,
+                                           headers={**headers, "accept-encoding": "identity"})
+        upstream = proxy.http.send(request, stream=True)
+        try:
+            self.send_response(upstream.status_code)
+            for k, v in upstream.headers.items():
+                if k.lower() not in self.SKIP_HEADERS:
+                    self.send_header(k, v)
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                self._relay_events(proxy, upstream)
+                return
+            content = upstream.read()
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+        finally:
+            upstream.close()
+
+    def _relay_events(self, proxy: RecordingProxy, upstream: httpx.Response) -> None:
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(upstream.content)
+        sent = 0
+        for line in upstream.iter_lines():
+            if line.startswith("data:"):
+                if proxy.cut_after is not None and sent >= proxy.cut_after:
+                    self.close_connection = True  # gone without the last chunk
+                    return
+                sent += 1
+                with proxy.lock:
+                    proxy.streamed.append(line.removeprefix("data:").strip())
+            data = f"{line}\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
 
     do_GET = _forward
     do_POST = _forward
@@ -291,6 +327,104 @@ def test_ask_reports_an_unreachable_model_as_upstream_error(
     assert elapsed < 30
 
 
+def _model_text(data_lines: list[str]) -> str:
+    """The text of a streamed chat completion, from its SSE data lines."""
+    text = ""
+    for data in data_lines:
+        if data != "[DONE]":
+            choices = json.loads(data).get("choices") or [{}]
+            text += choices[0].get("delta", {}).get("content") or ""
+    return text
+
+
+def test_ask_stream_delivers_citations_then_the_model_tokens_in_order(
+    llm_client: TestClient, llm_corpus: str, proxy: RecordingProxy
+) -> None:
+    question = QUESTIONS[1]
+    retrieved = llm_client.post("/v1/search", json={"query": question, "k": K, "collection": llm_corpus}).json()
+    sent_before, streamed_before = len(proxy.chat_requests()), len(proxy.streamed)
+    r = llm_client.post("/v1/ask", json={"question": question, "k": K, "collection": llm_corpus, "stream": True})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    names = [name for name, _ in events]
+    assert names[0] == "citations"
+    assert names[-1] == "done", events[-1]
+    assert set(names[1:-1]) == {"token"}, names
+    assert len(names) > 3, names  # token by token, not the answer in one piece
+
+    # First the sources the model is given, numbered as in its prompt.
+    sources = events[0][1]["citations"]
+    assert [c["n"] for c in sources] == list(range(1, K + 1))
+    assert [c["chunk_id"] for c in sources] == [h["chunk_id"] for h in retrieved["results"]]
+    assert [c["text"] for c in sources] == [h["text"] for h in retrieved["results"]]
+    sent = proxy.chat_requests()[sent_before:]
+    assert len(sent) == 1
+    assert sent[0]["stream"] is True
+
+    tokens = [data["text"] for name, data in events if name == "token"]
+    done = events[-1][1]
+    print(f"\nQ: {question}\ntokens: {tokens!r}")  # noqa: T201
+    assert done["mode"] == "llm"
+    assert "".join(tokens) == done["answer"]
+    # The tokens are the model's own text in the order it wrote it (markers naming no source dropped).
+    assert done["answer"] == resolve_citations(_model_text(proxy.streamed[streamed_before:]), K)[0]
+    # The final citations are the sources the answer cites, as given.
+    assert [c["n"] for c in done["citations"]] == _cited_numbers(done["answer"])
+    assert all(c in sources for c in done["citations"])
+
+
+def test_ask_stream_reports_the_model_going_away_as_an_error_event(
+    llm_client: TestClient, llm_corpus: str, proxy: RecordingProxy
+) -> None:
+    body = {"question": QUESTIONS[0], "k": K, "collection": llm_corpus, "stream": True}
+    proxy.cut_after = 6
+    try:
+        r = llm_client.post("/v1/ask", json=body)
+    finally:
+        proxy.cut_after = None
+    assert r.status_code == 200, r.text
+    assert r.text.endswith("\n\n")  # the stream ended with a whole event, not a cut
+    events = sse_events(r.text)
+    names = [name for name, _ in events]
+    assert names[0] == "citations"
+    assert "token" in names, names  # it did fail mid-answer
+    assert names[-1] == "error"
+    assert "done" not in names
+    error = events[-1][1]
+    assert set(error) == {"error", "detail"}
+    assert error["error"] == "upstream_error"
+    assert "language model" in error["detail"]
+
+    # Nothing is left broken: the next stream is whole.
+    r = llm_client.post("/v1/ask", json=body)
+    assert sse_events(r.text)[-1][0] == "done", r.text
+
+
+def test_ask_stream_with_an_unreachable_model_is_citations_then_an_error(
+    settings: Settings, worker: Any, collection: str
+) -> None:
+    """Needs no llama.cpp: nothing listens on the port, so this runs on every machine."""
+    from app.main import create_app
+
+    closed = settings.model_copy(update={
+        "llm_base_url": f"http://127.0.0.1:{free_port()}/v1", "llm_model": MODEL_ALIAS, "llm_timeout_s": 3.0,
+        "answer_min_score": -1.0,
+    })
+    with TestClient(create_app(closed)) as c:
+        as_admin(c)
+        _ingest(c, collection)
+        r = c.post("/v1/ask", json={"question": QUESTIONS[0], "k": K, "collection": collection, "stream": True})
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert [name for name, _ in events] == ["citations", "error"]
+    assert len(events[0][1]["citations"]) == K
+    error = events[1][1]
+    assert set(error) == {"error", "detail"}
+    assert error["error"] == "upstream_error"
+    assert "language model" in error["detail"]
+
+
 @pytest.mark.parametrize(("reply", "answer", "cited"), [
     ("Tides follow the Moon [1].", "Tides follow the Moon [1].", [1]),
     ("Espresso uses 9 bar [2][1].", "Espresso uses 9 bar [2][1].", [1, 2]),
@@ -299,6 +433,21 @@ def test_ask_reports_an_unreachable_model_as_upstream_error(
 ])
 def test_citation_markers_naming_no_source_are_dropped(reply: str, answer: str, cited: list[int]) -> None:
     """A small model cites sources it was never given; such markers must not dangle in the answer."""
-    from app.query.answer import resolve_citations
-
     assert resolve_citations(reply, 2) == (answer, cited)
+
+
+@pytest.mark.parametrize("reply", [
+    "Tides follow the Moon [1].", "Espresso uses 9 bar [2][1].", "The answer is: [7] Tides [1, 9].",
+    "Nothing real [0].", "  Spaced  [1, 2] out [3]  \n", "Unclosed [1, 2", "[2] first, then [ 1 ] and [1 ,2].",
+])
+def test_streamed_citation_markers_resolve_as_in_the_whole_answer(reply: str) -> None:
+    """However the model's text is split into deltas, the pieces add up to the resolved whole."""
+    from app.query.answer import CitationStream
+
+    expected = resolve_citations(reply, 2)
+    splits = [[reply], list(reply), [reply[i:i + 3] for i in range(0, len(reply), 3)]]
+    splits += [[reply[:i], reply[i:]] for i in range(len(reply) + 1)]
+    for deltas in splits:
+        markers = CitationStream(2)
+        text = "".join(markers.feed(d) for d in deltas) + markers.close()
+        assert (text, sorted(markers.cited)) == expected, deltas

@@ -131,6 +131,15 @@ class RetrievalIn(_In):
     document_weight: float | None = Field(
         default=None, ge=0, le=10, description="Weight of the document's single vector beside its best chunk."
     )
+    passage_dense_weight: float | None = Field(
+        default=None, ge=0, le=1, description="Passage ranking: share of the dense leg beside BM25."
+    )
+    passage_document_weight: float | None = Field(
+        default=None, ge=0, le=10, description="Passage ranking: weight of the passage's document beside the passage."
+    )
+    passage_sentence_weight: float | None = Field(
+        default=None, ge=0, le=10, description="Passage ranking: weight of the passage's best sentence."
+    )
     bm25_k1: float | None = Field(default=None, ge=0, le=10)
     bm25_b: float | None = Field(default=None, ge=0, le=1)
     rerank_depth: UpTo1000 | None = Field(default=None, description="Candidates the reranker reads.")
@@ -139,6 +148,11 @@ class RetrievalIn(_In):
 
 
 Mode = Literal["hybrid", "dense", "lexical"]
+Group = Literal["passage", "document"]
+GROUP_DESCRIPTION = (
+    "passage: the k best passages, several from one document allowed; document: the k best documents, each "
+    "shown by its best passage. Default: the server's setting (PGSAGE_SEARCH_GROUP, passage)."
+)
 RERANK_DESCRIPTION = (
     "none, prf, or cross-encoder:<model name or path>; default: the server's setting. Naming a cross-encoder "
     "other than the configured one (PGSAGE_RERANK) needs an admin key: it loads that model into the server."
@@ -155,6 +169,7 @@ class SearchIn(_In):
     filters: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(FILTERS_SCHEMA))
     ef_search: UpTo1000 | None = Field(default=None, description="HNSW ef_search for this query.")
     mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
+    group: Group | None = Field(default=None, description=GROUP_DESCRIPTION)
     rerank: str | None = Field(default=None, max_length=500, pattern=RERANK_PATTERN, description=RERANK_DESCRIPTION)
     retrieval: RetrievalIn | None = None
 
@@ -188,6 +203,8 @@ class AskIn(_In):
     filters: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(FILTERS_SCHEMA))
     mode: Mode | None = Field(default=None, description="hybrid (default), dense or lexical.")
     rerank: str | None = Field(default=None, max_length=500, pattern=RERANK_PATTERN, description=RERANK_DESCRIPTION)
+    stream: bool = Field(default=False, description="Answer as Server-Sent Events (text/event-stream): "
+                         "citations, then token events as the answer is written, then done (or error).")
 
     @field_validator("question", mode="before")
     @classmethod
@@ -216,7 +233,10 @@ class ChunkOut(BaseModel):
     title: str | None
     text: str
     ordinal: int
-    score: float = Field(description="The document's score in the ranking mode (fused, cosine or BM25).")
+    heading_path: list[str] = Field(description="Title > section > subsection of the document the chunk is under.")
+    page_start: int | None = Field(default=None, description="First page of a PDF the chunk spans.")
+    page_end: int | None = Field(default=None, description="Last page of a PDF the chunk spans.")
+    score: float = Field(description="The result's score in the ranking mode (fused, cosine or BM25).")
     similarity: float = Field(description="Cosine similarity of this chunk to the query.")
     rerank_score: float | None = None
     metadata: dict[str, Any]
@@ -235,6 +255,7 @@ class SearchOut(BaseModel):
     model: str
     space: SpaceRef
     mode: Mode
+    group: Group
     rerank: str
     results: list[ChunkOut]
 
@@ -245,9 +266,12 @@ class CitationOut(BaseModel):
     document_id: uuid.UUID
     external_id: str
     title: str | None
+    heading_path: list[str] = Field(default_factory=list)
+    page_start: int | None = None
+    page_end: int | None = None
     score: float
     text: str
-    quote: str | None = None
+    quote: str | None = Field(default=None, description="The sentences of this passage the answer uses.")
 
 
 class AskOut(BaseModel):

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from app.errors import BadInput, TooLarge, UnsupportedMedia
+from app.ingest.chunk import PAGE_BREAK
 
 TEXT_KINDS = {
     ".txt": "text",
@@ -48,6 +49,9 @@ class LoadedDocument:
     text: str
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # How the chunker reads the text: text (paragraphs), markdown (structure; HTML arrives as Markdown),
+    # pdf (paragraphs, with pages separated by form feeds).
+    format: str = "text"
 
     @property
     def content(self) -> str:
@@ -144,20 +148,104 @@ def _markdown_title(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+_HEADINGS = {f"h{n}": n for n in range(1, 7)}
+_SKIPPED = ("script", "style", "noscript", "template", "svg")
+
+
+def _html_markdown(root: Any) -> str:
+    """The element's content as Markdown: headings, paragraphs, lists, tables and code blocks kept as such,
+    so the chunker can split HTML on its structure."""
+    from bs4.element import NavigableString, PreformattedString, Tag
+
+    blocks: list[str] = []
+    inline: list[str] = []
+
+    def flush() -> None:
+        line = " ".join("".join(inline).split())
+        if line:
+            blocks.append(line)
+        inline.clear()
+
+    def cells(row: Tag) -> str:
+        texts = [" ".join(c.get_text(" ").split()).replace("|", "\\|") for c in row.find_all(["th", "td"])]
+        return "| " + " | ".join(texts) + " |"
+
+    def items(lst: Tag, depth: int) -> list[str]:
+        out: list[str] = []
+        for n, li in enumerate(lst.find_all("li", recursive=False), start=1):
+            marker = f"{n}." if lst.name == "ol" else "-"
+            nested = [c for c in li.find_all(["ul", "ol"]) if c.find_parent("li") is li]
+            for c in nested:
+                c.extract()
+            text = " ".join(li.get_text(" ").split())
+            if text:
+                out.append(f"{'  ' * depth}{marker} {text}")
+            for c in nested:
+                out.extend(items(c, depth + 1))
+        return out
+
+    def walk(node: Tag) -> None:
+        for child in node.children:
+            if isinstance(child, NavigableString):
+                if not isinstance(child, PreformattedString):  # comments, doctypes, CDATA
+                    inline.append(str(child))
+                continue
+            if not isinstance(child, Tag) or child.name in _SKIPPED:
+                continue
+            name = child.name
+            if name in _HEADINGS:
+                flush()
+                text = " ".join(child.get_text(" ").split())
+                if text:
+                    blocks.append("#" * _HEADINGS[name] + " " + text)
+            elif name == "pre":
+                flush()
+                code = child.get_text().strip("\n")
+                if code.strip():
+                    blocks.append("```\n" + code.replace("```", "` ` `") + "\n```")
+            elif name in ("ul", "ol"):
+                flush()
+                lines = items(child, 0)
+                if lines:
+                    blocks.append("\n".join(lines))
+            elif name == "table":
+                flush()
+                rows = [cells(r) for r in child.find_all("tr")]
+                rows = [r for r in rows if r.strip("| ")]
+                if rows:
+                    width = rows[0].count(" | ") + 1
+                    blocks.append("\n".join([rows[0], "|" + " --- |" * width, *rows[1:]]))
+            elif name == "br":
+                inline.append(" ")
+            elif name in ("p", "div", "section", "article", "main", "header", "footer", "aside", "nav",
+                          "blockquote", "figure", "figcaption", "dl", "dt", "dd", "li", "address", "details",
+                          "summary", "body", "form", "fieldset", "hr"):
+                flush()
+                walk(child)
+                flush()
+            else:
+                walk(child)
+
+    try:
+        walk(root)
+        flush()
+    except RecursionError:  # absurdly deep nesting: plain text, one line a block
+        return _clean("\n\n".join(" ".join(line.split()) for line in root.get_text("\n").split("\n")))
+    return _clean("\n\n".join(blocks))
+
+
 def _load_html(text: str) -> tuple[str | None, str]:
     from bs4 import BeautifulSoup
 
     soup = BeautifulSoup(text, "html.parser")
-    for tag in soup(["script", "style", "noscript", "template", "svg"]):
+    for tag in soup(list(_SKIPPED)):
         tag.decompose()
     title = soup.title.get_text(" ", strip=True) if soup.title else None
     if not title and soup.h1:
         title = soup.h1.get_text(" ", strip=True)
     if soup.head:
         soup.head.decompose()
-    blocks = [" ".join(line.split()) for line in soup.get_text("\n").split("\n")]
-    body = re.sub(r"\n{2,}", "\n\n", "\n".join(blocks))
-    return title or None, _clean(body)
+    return title or None, _html_markdown(soup)
 
 
 def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
@@ -168,7 +256,7 @@ def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
-        pages = [_plain(page.extract_text() or "") for page in reader.pages]
+        pages = [_clean(_plain(page.extract_text() or "")) for page in reader.pages]
         info = reader.metadata
         title = _plain(str(info.title)).strip() if info is not None and info.title else None
     except (
@@ -184,8 +272,9 @@ def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
         ZeroDivisionError,
     ) as exc:
         raise BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}") from None
-    text = _clean("\n\n".join(p.strip() for p in pages if p.strip()))
-    if not text:
+    # Pages are kept apart by form feeds (empty pages too), so chunks can say which pages they span.
+    text = ("\n" + PAGE_BREAK + "\n").join(pages)
+    if not text.replace(PAGE_BREAK, "").strip():
         raise BadInput(f"{name} has no extractable text (a scanned PDF needs OCR first)")
     return title, text, {"pages": len(pages)}
 
@@ -208,6 +297,24 @@ def check_external_id(value: Any, where: str) -> str | None:
     if not ext or len(ext) > MAX_EXTERNAL_ID or any(unicodedata.category(c) == "Cc" for c in ext):
         raise BadInput(f"{where}: id must be 1-{MAX_EXTERNAL_ID} printable characters")
     return ext
+
+
+def check_path(value: str) -> str:
+    """A file's path as its external id: relative POSIX, 1-512 printable characters, no `..` or empty segments."""
+    # Refused rather than normalised: `./a.md`, `a//a.md` and `a.md` must not become three ids for one file.
+    where = f"the path field {value[:100]!r}"
+    if not value or len(value) > MAX_EXTERNAL_ID:
+        raise BadInput(f"{where}: a path must be 1-{MAX_EXTERNAL_ID} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise BadInput(f"{where}: a path must be printable characters (no NUL, control characters or surrogates)")
+    if value.startswith("/"):
+        raise BadInput(f"{where}: a path must be relative to the folder ingested, not absolute")
+    parts = value.split("/")
+    if ".." in parts:
+        raise BadInput(f"{where}: a path must not contain '..' segments")
+    if any(part in ("", ".") for part in parts):
+        raise BadInput(f"{where}: a path must be normalised (no empty or '.' segments, no trailing '/')")
+    return value
 
 
 def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
@@ -251,9 +358,12 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
     return docs
 
 
-def load_upload(filename: str | None, content_type: str | None, data: bytes, max_bytes: int) -> list[LoadedDocument]:
+def load_upload(
+    filename: str | None, content_type: str | None, data: bytes, max_bytes: int, *, external_id: str | None = None
+) -> list[LoadedDocument]:
     """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable."""
-    name = PurePosixPath(filename or "upload").name or "upload"
+    # The base name is the id only when the client sends no path: documents stored before paths keep theirs.
+    name = external_id or PurePosixPath(filename or "upload").name or "upload"
     if len(data) > max_bytes:
         raise TooLarge(f"{name} is larger than the {max_bytes}-byte upload limit")
     if not data.strip():
@@ -261,16 +371,19 @@ def load_upload(filename: str | None, content_type: str | None, data: bytes, max
     kind = detect_kind(filename, content_type)
     if kind == "pdf":
         title, text, meta = _load_pdf(data, name)
-        return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta)]
+        return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta,
+                               format="pdf")]
     text = _decode(data, name)
     if kind == "jsonl":
         return _load_jsonl(text, name)
     if kind == "html":
         title, body = _load_html(text)
-        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(body, name), source=name)]
+        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(body, name), source=name,
+                               format="markdown")]
     body = _require_text(_clean(text), name)
     title = _markdown_title(body) if kind == "markdown" else None
-    return [LoadedDocument(name, title or PurePosixPath(name).stem, body, source=name)]
+    return [LoadedDocument(name, title or PurePosixPath(name).stem, body, source=name,
+                           format="markdown" if kind == "markdown" else "text")]
 
 
 def load_json(text: str, title: str | None, metadata: dict[str, Any] | None, external_id: str | None) -> LoadedDocument:

@@ -9,15 +9,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import session_scope
-from app.embedding import Embedder, EmbedderPool
+from app.embedding import Embedder, EmbedderPool, chunker_key
 from app.ingest import store
 from app.ingest.chunk import Chunker, ChunkSpan
-from app.ingest.embed import embed_documents
+from app.ingest.embed import Embedded, embed_documents
 from app.reindex import spaces
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,16 @@ EMBED_GROUP_CHUNKS = 128
 # document cost ~13 s of the 390 s SciFact ingest. If the process dies, all of a block come back as
 # suspects and are then processed one at a time.
 CLAIM_BLOCK = 16
+
+
+def chunker_for(embedder: Embedder) -> Chunker:
+    """The chunker of an embedder's space: its tokenizer, its chunk budget and overlap."""
+    return Chunker(embedder.tokenizer, embedder.chunk_max_tokens, embedder.spec.chunk_overlap_tokens)
+
+
+def split_document(chunker: Chunker, doc: store.PendingDocument) -> list[ChunkSpan]:
+    """A stored document's chunks, read as its format says, under its title."""
+    return chunker.split(doc.content, kind=doc.format, title=doc.title)
 
 
 @dataclass
@@ -53,16 +62,22 @@ class IngestPipeline:
         self.max_attempts = embedder.settings.ingest_max_attempts
         self.task_time_limit = embedder.settings.ingest_task_time_limit
         self.lease_seconds = embedder.settings.ingest_lease_seconds
-        self.chunker = Chunker(embedder.tokenizer, embedder.chunk_max_tokens, embedder.settings.chunk_overlap_tokens)
+        self.chunkers: dict[str, Chunker] = {}
 
-    def _targets(self) -> list[tuple[int, Embedder]]:
-        """The spaces to write: the active one, and the new one while a re-index builds it."""
+    def chunker(self, key: str, embedder: Embedder) -> Chunker:
+        """The chunker of a chunk set, built once; its budget and overlap are the set's own."""
+        if key not in self.chunkers:
+            self.chunkers[key] = chunker_for(embedder)
+        return self.chunkers[key]
+
+    def _targets(self) -> list[tuple[int, str, Embedder]]:
+        """The spaces to write, the active one first, then the new one while a re-index builds it."""
         with session_scope(self.factory) as session:
-            live = spaces.live(session)
+            live = sorted(spaces.live(session), key=lambda s: s.status != "active")
         targets = []
         for space in live:
             try:
-                targets.append((space.id, self.embedders.for_space(space)))
+                targets.append((space.id, chunker_key(space.params or {}), self.embedders.for_space(space)))
             except ValueError:
                 # Its model is gone from this machine; the re-index sweep (or a rollback) covers it.
                 log.exception("cannot write to embedding space %s", space.id)
@@ -88,15 +103,20 @@ class IngestPipeline:
             store.hold(session, [d.id for d in pending])
         loaded = time.perf_counter()
         targets = self._targets()
+        # One chunk set per chunker the live spaces read (two only while a re-index changes the chunking).
+        chunkers = {key: self.chunker(key, embedder) for _, key, embedder in targets}
+        primary = targets[0][1] if targets else None
         docs: list[store.PendingDocument] = []
-        chunked: list[list[ChunkSpan]] = []
+        chunked: list[dict[str, list[ChunkSpan]]] = []
         timings = {"chunk": 0.0, "embed": 0.0}
 
-        def write(i: int, vectors: dict[int, np.ndarray]) -> str:
+        def write(i: int, vectors: dict[int, tuple[str, Embedded]]) -> str:
             doc = docs[i]
             try:
                 with session_scope(self.factory) as session:
-                    written = store.write_document(session, doc, chunked[i], vectors)
+                    sets = [store.ChunkSet(key, chunks, {sid: v for sid, (k, v) in vectors.items() if k == key})
+                            for key, chunks in chunked[i].items()]
+                    written = store.write_document(session, doc, sets)
             except OperationalError:
                 raise  # the database is away: the task is retried, the document stays queued
             except Exception as exc:
@@ -116,11 +136,11 @@ class IngestPipeline:
                 if not group:
                     return
                 t0 = time.perf_counter()
-                part = [chunked[i] for i in group]
-                per_space = [(sid, embed_documents(embedder, part)) for sid, embedder in targets]
+                per_space = [(sid, key, embed_documents(embedder, [chunked[i][key] for i in group]))
+                             for sid, key, embedder in targets]
                 timings["embed"] += time.perf_counter() - t0
                 for j, i in enumerate(group):
-                    futures.append(writers.submit(write, i, {sid: vecs[j] for sid, vecs in per_space}))
+                    futures.append(writers.submit(write, i, {sid: (key, vecs[j]) for sid, key, vecs in per_space}))
                 waiting.difference_update(docs[i].id for i in group)
                 if time.monotonic() - held > self.lease_seconds / 3:
                     with session_scope(self.factory) as session:
@@ -142,8 +162,8 @@ class IngestPipeline:
                     for doc in self._claim(batch[start : start + block], outcome):
                         t0 = time.perf_counter()
                         try:
-                            chunks = self.chunker.split(doc.content)
-                            if not chunks:
+                            sets = {key: split_document(c, doc) for key, c in chunkers.items()}
+                            if not primary or not sets[primary]:
                                 raise ValueError("the document has no text to index")
                         except Exception as exc:  # one bad document must not sink the batch
                             log.exception("chunking failed for %s", doc.id)
@@ -152,11 +172,12 @@ class IngestPipeline:
                             continue
                         finally:
                             timings["chunk"] += time.perf_counter() - t0
+                        chunks = sets[primary]
                         if group and size + len(chunks) > EMBED_GROUP_CHUNKS:
                             flush(group)
                             group, size = [], 0
                         docs.append(doc)
-                        chunked.append(chunks)
+                        chunked.append(sets)
                         group.append(len(docs) - 1)
                         size += len(chunks)
                 flush(group)
@@ -175,7 +196,7 @@ class IngestPipeline:
             "ingest batch: %d documents, %d chunks (%d indexed, %d failed, %d skipped); "
             "load %.3fs chunk %.3fs embed %.3fs store %.3fs",
             len(doc_ids),
-            sum(len(c) for c in chunked),
+            sum(len(c[primary]) for c in chunked if primary),
             outcome.indexed,
             outcome.failed,
             outcome.skipped,

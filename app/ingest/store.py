@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import BadInput, NotFound
 from app.ingest.chunk import ChunkSpan
+from app.ingest.embed import Embedded
 from app.ingest.load import LoadedDocument
 
 # Collection names: 1-64 characters, letters, digits, '_', '.', '-' (the API schema uses the same rule).
@@ -122,18 +123,21 @@ class PendingDocument:
     content: str
     content_hash: str
     attempts: int = 0
+    title: str | None = None
+    format: str = "text"
 
 
 def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[PendingDocument]:
     """The documents among ids that still wait for chunks and vectors."""
     rows = session.execute(
         text(
-            "SELECT id, collection_id, content, content_hash, attempts FROM documents "
+            "SELECT id, collection_id, content, content_hash, attempts, title, format FROM documents "
             "WHERE id = ANY(:ids) AND status = 'queued'"
         ),
         {"ids": list(ids)},
     ).all()
-    return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash, r.attempts) for r in rows]
+    return [PendingDocument(r.id, r.collection_id, r.content, r.content_hash, r.attempts, r.title, r.format)
+            for r in rows]
 
 
 def hold(session: Session, ids: Sequence[uuid.UUID]) -> None:
@@ -197,13 +201,21 @@ def settle_job_items(session: Session, job_id: uuid.UUID, ids: Sequence[uuid.UUI
     )
 
 
-def write_document(
-    session: Session, doc: PendingDocument, chunks: Sequence[ChunkSpan], vectors: dict[int, np.ndarray]
-) -> bool:
-    """Replace a document's chunks and vectors in the caller's transaction; False if it changed meanwhile.
+@dataclass
+class ChunkSet:
+    """A document's chunks as one chunker made them, and their vectors in each space that reads that set."""
 
-    vectors maps embedding-space id to one row per chunk. The row lock on the document makes a
-    concurrent change of the same document wait, and the hash check drops work made stale by it.
+    chunker: str
+    chunks: Sequence[ChunkSpan]
+    vectors: dict[int, Embedded]  # embedding-space id -> a row per chunk and a row per sentence
+
+
+def write_document(session: Session, doc: PendingDocument, sets: Sequence[ChunkSet]) -> bool:
+    """Replace a document's chunks, vectors and postings in the caller's transaction; False if it changed meanwhile.
+
+    The first set is the active space's; the document's BM25 postings are taken from it. The row lock
+    on the document makes a concurrent change of the same document wait, and the hash check drops
+    work made stale by it.
     """
     current = session.execute(
         text("SELECT content_hash FROM documents WHERE id = :id FOR UPDATE"), {"id": doc.id}
@@ -211,40 +223,25 @@ def write_document(
     if current != doc.content_hash:
         return False
     session.execute(text("DELETE FROM chunks WHERE document_id = :id"), {"id": doc.id})
-    ids = (
-        session.execute(text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)})
-        .scalars()
-        .all()
-    )
-    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(
-        "COPY chunks (id, document_id, ordinal, text, token_count, char_start, char_end) FROM STDIN"
-    ) as copy:
-        for cid, ch in zip(ids, chunks, strict=True):
-            copy.write_row((cid, doc.id, ch.ordinal, ch.text, ch.token_count, ch.char_start, ch.char_end))
-    with cursor.copy(
-        "COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) FROM STDIN (FORMAT BINARY)"
-    ) as copy:
-        copy.set_types(["bigint", "integer", "uuid", "integer", "vector"])
-        for model_id, matrix in vectors.items():
-            for cid, vec in zip(ids, matrix, strict=True):
-                copy.write_row((cid, model_id, doc.id, doc.collection_id, vec))
-    lexical_length = write_postings(session, doc.id, doc.collection_id)
-    for model_id, matrix in vectors.items():
-        session.execute(
-            text(
-                "INSERT INTO document_vectors (document_id, model_id, embedding) "
-                "VALUES (:d, :m, CAST(:v AS vector)) "
-                "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"
-            ),
-            {"d": doc.id, "m": model_id, "v": _document_vector(matrix)},
-        )
+    for chunk_set in sets:
+        insert_chunks(session, doc.id, doc.collection_id, chunk_set)
+    lexical_length = write_postings(session, doc.id, doc.collection_id, sets[0].chunker) if sets else 0
+    for chunk_set in sets:
+        for model_id, embedded in chunk_set.vectors.items():
+            session.execute(
+                text(
+                    "INSERT INTO document_vectors (document_id, model_id, embedding) "
+                    "VALUES (:d, :m, CAST(:v AS vector)) "
+                    "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                ),
+                {"d": doc.id, "m": model_id, "v": _document_vector(embedded.chunks)},
+            )
     session.execute(
         text(
             "UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, lexical_length = :len, "
             "indexed_at = now(), updated_at = now() WHERE id = :id"
         ),
-        {"id": doc.id, "n": len(chunks), "len": lexical_length},
+        {"id": doc.id, "n": len(sets[0].chunks) if sets else 0, "len": lexical_length},
     )
     # Every job waiting on this document is settled, including one whose content was superseded.
     session.execute(
@@ -257,22 +254,87 @@ def write_document(
     return True
 
 
-def write_postings(session: Session, doc_id: uuid.UUID, collection: int) -> int:
-    """Replace the document's BM25 postings with those of its stored chunks; returns its length in terms.
+def insert_chunks(session: Session, doc_id: uuid.UUID, collection: int, chunk_set: ChunkSet) -> None:
+    """COPY one chunk set of a document, its vectors in every space given, and its passage postings."""
+    chunks = chunk_set.chunks
+    ids = (
+        session.execute(text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)})
+        .scalars()
+        .all()
+    )
+    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(
+        "COPY chunks (id, document_id, collection_id, chunker, ordinal, text, token_count, char_start, char_end, "
+        "heading_path, page_start, page_end) FROM STDIN"
+    ) as copy:
+        for cid, ch in zip(ids, chunks, strict=True):
+            copy.write_row((cid, doc_id, collection, chunk_set.chunker, ch.ordinal, ch.text, ch.token_count,
+                            ch.char_start, ch.char_end, list(ch.heading_path), ch.page_start, ch.page_end))
+    with cursor.copy(
+        "COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) FROM STDIN (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["bigint", "integer", "uuid", "integer", "vector"])
+        for model_id, embedded in chunk_set.vectors.items():
+            for cid, vec in zip(ids, embedded.chunks, strict=True):
+                copy.write_row((cid, model_id, doc_id, collection, vec))
+    copy_sentence_vectors(cursor, list(ids), chunks, {m: e.sentences for m, e in chunk_set.vectors.items()})
+    write_chunk_postings(session, doc_id, collection, chunk_set.chunker)
 
-    Terms come from Postgres's English analyser (stop-words, Snowball stems). Each chunk contributes
-    only the text past the previous chunk's end, so the chunk overlap is not counted twice, and no
-    single to_tsvector call sees more than one chunk (a tsvector is limited to 1 MB).
+
+def copy_sentence_vectors(
+    cursor: Any, chunk_ids: Sequence[int], chunks: Sequence[ChunkSpan], vectors: dict[int, np.ndarray]
+) -> None:
+    """COPY the sentence vectors of these chunks: per space, one row per sentence, chunks in order."""
+    with cursor.copy(
+        "COPY sentence_vectors (chunk_id, model_id, ordinal, char_start, char_end, embedding) FROM STDIN "
+        "(FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["bigint", "integer", "integer", "integer", "integer", "vector"])
+        for model_id, matrix in vectors.items():
+            rows = iter(matrix)
+            for cid, chunk in zip(chunk_ids, chunks, strict=True):
+                for ordinal, (start, end) in enumerate(chunk.sentences):
+                    copy.write_row((cid, model_id, ordinal, start, end, next(rows)))
+
+
+def write_chunk_postings(session: Session, doc_id: uuid.UUID, collection: int, chunker: str) -> None:
+    """BM25 postings of each chunk of one chunk set (heading path and text), and each chunk's length in terms."""
+    session.execute(
+        text("""
+        WITH tf AS (
+            SELECT c.id AS chunk_id, l.lexeme AS term, coalesce(array_length(l.positions, 1), 1) AS tf
+              FROM chunks c,
+                   unnest(to_tsvector('pg_catalog.english', array_to_string(c.heading_path, ' ') || ' ' || c.text)) l
+             WHERE c.document_id = :id AND c.chunker = :ck
+        ), ins AS (
+            INSERT INTO chunk_postings (collection_id, chunker, term, chunk_id, tf, chunk_length)
+            SELECT :cid, :ck, term, chunk_id, tf, sum(tf) OVER (PARTITION BY chunk_id) FROM tf
+            RETURNING chunk_id, chunk_length
+        )
+        UPDATE chunks c SET lexical_length = s.len
+          FROM (SELECT chunk_id, max(chunk_length) AS len FROM ins GROUP BY 1) s
+         WHERE c.id = s.chunk_id
+        """),
+        {"id": doc_id, "cid": collection, "ck": chunker},
+    )
+
+
+def write_postings(session: Session, doc_id: uuid.UUID, collection: int, chunker: str) -> int:
+    """Replace the document's BM25 postings; returns its length in terms.
+
+    Terms come from Postgres's English analyser (stop-words, Snowball stems) over the content piece by
+    piece: each piece runs from the previous chunk's end to this chunk's end, so headings between
+    chunks count and the chunk overlap is not counted twice, and no single to_tsvector call sees more
+    than one chunk's worth of text (a tsvector is limited to 1 MB and 256 positions a term).
     """
     session.execute(text("DELETE FROM lexical_postings WHERE document_id = :id"), {"id": doc_id})
     length = session.execute(
         text("""
         WITH seg AS (
-            SELECT substr(d.content, greatest(c.char_start, coalesce(lag(c.char_end) OVER w, 0)) + 1,
-                          greatest(0, c.char_end - greatest(c.char_start, coalesce(lag(c.char_end) OVER w, 0))))
-                       AS txt
+            SELECT substr(d.content, coalesce(lag(c.char_end) OVER w, 0) + 1,
+                          greatest(0, c.char_end - coalesce(lag(c.char_end) OVER w, 0))) AS txt
               FROM chunks c JOIN documents d ON d.id = c.document_id
-             WHERE c.document_id = :id
+             WHERE c.document_id = :id AND c.chunker = :ck
             WINDOW w AS (ORDER BY c.ordinal)
         ), tf AS (
             SELECT l.lexeme AS term, sum(array_length(l.positions, 1))::int AS tf
@@ -285,7 +347,7 @@ def write_postings(session: Session, doc_id: uuid.UUID, collection: int) -> int:
         )
         SELECT coalesce(max(doc_length), 0) FROM ins
         """),
-        {"id": doc_id, "cid": collection},
+        {"id": doc_id, "cid": collection, "ck": chunker},
     ).scalar_one()
     return int(length)
 

@@ -2,14 +2,15 @@
 
 from app.models.apikey import ApiKey
 from app.models.collection import Collection
-from app.models.document import Chunk, Document, LexicalPosting
-from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel
+from app.models.document import Chunk, ChunkPosting, Document, LexicalPosting
+from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel, SentenceVector
 from app.models.job import Job, JobDocument
 from app.models.reindex import ReindexJob
 
 __all__ = [
     "ApiKey",
     "Chunk",
+    "ChunkPosting",
     "ChunkVector",
     "Collection",
     "Document",
@@ -19,4 +20,5 @@ __all__ = [
     "JobDocument",
     "LexicalPosting",
     "ReindexJob",
+    "SentenceVector",
 ]

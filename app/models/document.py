@@ -15,12 +15,13 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, Timestamps
 
 CHUNK_ID_SEQ = Sequence("chunks_id_seq")
+EMPTY_PATH = text("'{}'::text[]")
 
 
 class Document(Timestamps, Base):
@@ -43,6 +44,8 @@ class Document(Timestamps, Base):
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
     content: Mapped[str] = mapped_column(Text)
+    # How the chunker reads the content: text, markdown (HTML is stored as Markdown) or pdf.
+    format: Mapped[str] = mapped_column(Text, server_default="text")
     content_hash: Mapped[str] = mapped_column(Text)
     # queued -> indexed | failed
     status: Mapped[str] = mapped_column(Text, server_default="queued")
@@ -61,7 +64,10 @@ class Chunk(Base):
     """A token-bounded span of a document's text."""
 
     __tablename__ = "chunks"
-    __table_args__ = (UniqueConstraint("document_id", "ordinal", name="uq_chunks_document_ordinal"),)
+    __table_args__ = (
+        UniqueConstraint("document_id", "chunker", "ordinal", name="uq_chunks_document_chunker_ordinal"),
+        Index("ix_chunks_collection_chunker", "collection_id", "chunker"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, CHUNK_ID_SEQ, primary_key=True,
                                     server_default=CHUNK_ID_SEQ.next_value())
@@ -73,6 +79,29 @@ class Chunk(Base):
     token_count: Mapped[int] = mapped_column(Integer)
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
+    # The chunk set: the chunker (version, budget, overlap) that made it; each space reads its own.
+    chunker: Mapped[str] = mapped_column(Text, server_default="")
+    collection_id: Mapped[int] = mapped_column(Integer)
+    # Title > section > subsection: embedded and indexed with the text, shown with every result.
+    heading_path: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=EMPTY_PATH)
+    page_start: Mapped[int | None] = mapped_column(Integer)
+    page_end: Mapped[int | None] = mapped_column(Integer)
+    # Terms after stop-words (the BM25 passage length).
+    lexical_length: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class ChunkPosting(Base):
+    """One term of one chunk for passage BM25: its frequency and the chunk's length."""
+
+    __tablename__ = "chunk_postings"
+    __table_args__ = (Index("ix_chunk_postings_chunk", "chunk_id"),)
+
+    collection_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunker: Mapped[str] = mapped_column(Text, primary_key=True)
+    term: Mapped[str] = mapped_column(Text, primary_key=True)
+    chunk_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True)
+    tf: Mapped[int] = mapped_column(Integer)
+    chunk_length: Mapped[int] = mapped_column(Integer)
 
 
 class LexicalPosting(Base):

@@ -73,3 +73,25 @@ class ChunkVector(Base):
     )
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
     embedding: Mapped[Any] = mapped_column(Vector())
+
+
+class SentenceVector(Base):
+    """One vector per quotable sentence of a chunk per embedding space (the span is within the chunk's text).
+
+    Read only for the candidates of a question: a passage's best sentence is a ranking signal, and the
+    extractive answer quotes the sentences closest to the question without embedding them then.
+    """
+
+    __tablename__ = "sentence_vectors"
+    __table_args__ = (Index("ix_sentence_vectors_model", "model_id"),)
+
+    chunk_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[int] = mapped_column(
+        ForeignKey("embedding_models.id", ondelete="CASCADE"), primary_key=True
+    )
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
+    char_start: Mapped[int] = mapped_column(Integer)
+    char_end: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[Any] = mapped_column(Vector())

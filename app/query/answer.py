@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-
-from app.embedding import Embedder
 from app.errors import UpstreamError
-from app.ingest.chunk import sentence_spans
-from app.query.retrieve import Hit
+from app.query.retrieve import Hit, SentenceScore
 
 NO_ANSWER = "I could not find anything in this collection that answers the question."
 SYSTEM_PROMPT = (
@@ -20,9 +16,10 @@ SYSTEM_PROMPT = (
     "the sources it relies on by their numbers in square brackets, like [1] or [2][3]. If the sources "
     "do not contain the answer, say that you don't know. Be brief."
 )
-RELATIVE_MARGIN = 0.15
 # A citation marker with the space before it, so a dropped marker leaves no double space.
 _CITATION = re.compile(r"(?P<space>\s?)\[(?P<numbers>\d+(?:\s*[,;]\s*\d+)*)\]")
+# The end of streamed text that more text could still change: trailing space, and a marker not yet closed.
+_OPEN_TAIL = re.compile(r"\s*(?:\[[\d\s,;]*)?\Z")
 
 
 @dataclass
@@ -30,6 +27,25 @@ class Answer:
     answer: str
     citations: list[dict[str, Any]] = field(default_factory=list)
     mode: str = "extractive"
+    # The answer's pieces in order (one per sentence, extractive): " ".join(parts) == answer.
+    parts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AnswerEvent:
+    """One event of a streamed answer: its name and its data (a JSON object)."""
+
+    event: Literal["citations", "token", "done"]
+    data: dict[str, Any]
+
+
+def answer_events(answer: Answer) -> Iterator[AnswerEvent]:
+    """An answer already made, as events: its citations, one token per part, then the whole answer."""
+    yield AnswerEvent("citations", {"citations": answer.citations})
+    for i, part in enumerate(answer.parts):
+        # The separator travels with the part, so the tokens concatenate to the answer.
+        yield AnswerEvent("token", {"text": f" {part}" if i else part})
+    yield AnswerEvent("done", {"answer": answer.answer, "mode": answer.mode, "citations": answer.citations})
 
 
 def _citation(n: int, hit: Hit, quote: str | None = None) -> dict[str, Any]:
@@ -39,58 +55,88 @@ def _citation(n: int, hit: Hit, quote: str | None = None) -> dict[str, Any]:
         "document_id": hit.document_id,
         "external_id": hit.external_id,
         "title": hit.title,
+        "heading_path": hit.heading_path,
+        "page_start": hit.page_start,
+        "page_end": hit.page_end,
         "score": round(hit.score, 4),
         "text": hit.text,
         "quote": quote,
     }
 
 
-def _is_heading(sentence: str) -> bool:
-    """Markdown headings and title lines: short and without closing punctuation."""
-    return sentence.startswith("#") or (len(sentence.split()) < 12 and sentence[-1] not in ".!?:;)\"'")
+def _source_label(hit: Hit) -> str:
+    """Where a numbered source comes from: its heading path (or title), and pages."""
+    where = " > ".join(hit.heading_path) or hit.title or ""
+    if hit.page_start is not None:
+        pages = f"p. {hit.page_start}" if hit.page_end in (None, hit.page_start) else \
+            f"pp. {hit.page_start}-{hit.page_end}"
+        where = f"{where} ({pages})" if where else pages
+    return f"{where}: " if where else ""
+
+
+# Weights of the sentence score (chosen on the squad-articles dev questions, BENCHMARKS.md): the share of
+# the question's rarer terms the sentence holds, and how far its passage ranks below the best one.
+OVERLAP_WEIGHT = 0.2
+PASSAGE_WEIGHT = 0.1
+# Between two sentences quoted from one passage (the quote is what the passage says, not one span of it).
+QUOTE_GAP = " … "
+NOT_QUOTABLE = ("The passages cited below are the closest I found, but none of their sentences answers the "
+                "question directly.")
 
 
 class ExtractiveAnswerer:
-    """Picks the retrieved sentences closest to the question and cites the chunk of each."""
+    """Quotes the sentence (or two) of the retrieved passages that best answers the question, each cited.
 
-    def __init__(self, max_sentences: int) -> None:
+    A sentence's score is its vector's similarity to the question (the vectors are made at ingest),
+    plus the share of the question's terms it holds (IDF-weighted, relative to the best sentence),
+    plus its passage's fused score relative to the best passage's. Only quotable sentences are
+    candidates: prose sentences and whole list items, never headings, code, tables or fragments.
+    """
+
+    def __init__(self, max_sentences: int, max_words: int) -> None:
         self.max_sentences = max_sentences
+        self.max_words = max_words
 
-    def answer(self, embedder: Embedder, question_vec: np.ndarray, hits: Sequence[Hit], min_score: float) -> Answer:
-        """Sentences are embedded by the same model as the question (the active space's)."""
-        candidates: list[tuple[int, int, str]] = []  # (hit rank, start, sentence)
+    def answer(self, hits: Sequence[Hit], sentences: Sequence[SentenceScore]) -> Answer:
+        by_chunk = {h.chunk_id: (rank, h) for rank, h in enumerate(hits)}
         seen: set[str] = set()
-        for rank, hit in enumerate(hits):
-            for start, end, _ in sentence_spans(hit.text):
-                sentence = hit.text[start:end].strip()
-                key = " ".join(sentence.lower().split())
-                if _is_heading(sentence) or len(sentence.split()) < 4 or key in seen:
-                    continue  # headings, fragments, and sentences seen in an overlapping chunk
-                seen.add(key)
-                candidates.append((rank, start, sentence))
+        candidates: list[tuple[float, int, SentenceScore, str]] = []
+        top_overlap = max((s.overlap for s in sentences), default=0.0) or 1.0
+        top_passage = max((h.score for h in hits), default=0.0)
+        for s in sentences:
+            rank, hit = by_chunk[s.chunk_id]
+            quote = hit.text[s.start : s.end].strip()
+            key = " ".join(quote.lower().split())
+            if not quote or key in seen:  # a sentence seen in an overlapping chunk
+                continue
+            seen.add(key)
+            score = s.similarity + OVERLAP_WEIGHT * s.overlap / top_overlap + PASSAGE_WEIGHT * (hit.score - top_passage)
+            candidates.append((score, rank, s, quote))
         if not candidates:
-            return Answer(NO_ANSWER, [], "extractive")
-        sims = embedder.encode([c[2] for c in candidates]) @ question_vec
-        order = np.argsort(-sims)
-        # Keep sentences about as relevant as the best one; a weak runner-up only adds noise.
-        floor = max(min_score, float(sims[order[0]]) - RELATIVE_MARGIN)
-        chosen = [int(i) for i in order[: self.max_sentences] if sims[i] >= floor] or [int(order[0])]
-        chosen.sort(key=lambda i: (candidates[i][0], candidates[i][1]))
+            citations = [_citation(n, h) for n, h in enumerate(hits[:3], start=1)]
+            return Answer(NOT_QUOTABLE, citations, "extractive", [NOT_QUOTABLE])
+        candidates.sort(key=lambda c: -c[0])
+        chosen = [candidates[0]]
+        words = len(candidates[0][3].split())
+        for candidate in candidates[1 : self.max_sentences]:
+            if words + len(candidate[3].split()) <= self.max_words:
+                chosen.append(candidate)
+                words += len(candidate[3].split())
+        chosen.sort(key=lambda c: (c[1], c[2].start))  # in reading order
         numbers: dict[int, int] = {}
-        citations: list[dict[str, Any]] = []
+        quotes: dict[int, list[str]] = {}
         parts = []
-        for i in chosen:
-            rank, _, sentence = candidates[i]
+        for _, rank, _, quote in chosen:
             if rank not in numbers:
                 numbers[rank] = len(numbers) + 1
-                citations.append(_citation(numbers[rank], hits[rank], sentence))
-            parts.append(f"{sentence} [{numbers[rank]}]")
-        return Answer(" ".join(parts), citations, "extractive")
+            quotes.setdefault(rank, []).append(quote)
+            parts.append(f"{quote} [{numbers[rank]}]")
+        citations = [_citation(n, hits[rank], QUOTE_GAP.join(quotes[rank])) for rank, n in numbers.items()]
+        return Answer(" ".join(parts), citations, "extractive", parts)
 
 
-def resolve_citations(content: str, sources: int) -> tuple[str, list[int]]:
-    """The answer with markers naming no given source removed, and the source numbers it cites."""
-    cited: list[int] = []
+def _resolve_markers(content: str, sources: int, cited: list[int]) -> str:
+    """The text with markers naming no given source removed; the numbers it cites are added to `cited`."""
 
     def resolve(match: re.Match[str]) -> str:
         numbers = [int(x) for x in re.split(r"\s*[,;]\s*", match["numbers"])]
@@ -100,7 +146,54 @@ def resolve_citations(content: str, sources: int) -> tuple[str, list[int]]:
             return match[0]
         return f"{match['space']}[{', '.join(map(str, valid))}]" if valid else ""
 
-    return _CITATION.sub(resolve, content).strip(), sorted(cited)
+    return _CITATION.sub(resolve, content)
+
+
+def resolve_citations(content: str, sources: int) -> tuple[str, list[int]]:
+    """The answer with markers naming no given source removed, and the source numbers it cites."""
+    cited: list[int] = []
+    return _resolve_markers(content, sources, cited).strip(), sorted(cited)
+
+
+class CitationStream:
+    """resolve_citations applied to text arriving in pieces: what each piece adds to the resolved answer.
+
+    A marker still open, and trailing space, are held back until the text after them arrives, so the
+    pieces concatenate to exactly what resolve_citations gives for the whole text.
+    """
+
+    def __init__(self, sources: int) -> None:
+        self.sources = sources
+        self.cited: list[int] = []
+        self._held = ""  # raw text that later text may still change
+        self._space = ""  # resolved trailing space, given out only if more text follows
+        self._started = False
+
+    def feed(self, delta: str) -> str:
+        """The resolved text that `delta` makes final (often empty)."""
+        text = self._held + delta
+        cut = _OPEN_TAIL.search(text)
+        end = cut.start() if cut else len(text)
+        self._held = text[end:]
+        return self._give(_resolve_markers(text[:end], self.sources, self.cited))
+
+    def close(self) -> str:
+        """The rest, once the text is complete (trailing space is dropped, as the answer is stripped)."""
+        rest, self._held = self._held, ""
+        return self._give(_resolve_markers(rest, self.sources, self.cited))
+
+    def _give(self, resolved: str) -> str:
+        if not self._started:
+            resolved = resolved.lstrip()
+            if not resolved:
+                return ""
+            self._started = True
+        body = resolved.rstrip()
+        if not body:
+            self._space += resolved
+            return ""
+        out, self._space = self._space + body, resolved[len(body):]
+        return out
 
 
 class LLMAnswerer:
@@ -114,7 +207,7 @@ class LLMAnswerer:
     @staticmethod
     def prompt(question: str, hits: Sequence[Hit]) -> list[dict[str, str]]:
         sources = "\n\n".join(
-            f"[{i}] {hit.title + ': ' if hit.title else ''}{hit.text}" for i, hit in enumerate(hits, start=1)
+            f"[{i}] {_source_label(hit)}{hit.text}" for i, hit in enumerate(hits, start=1)
         )
         return [
             {"role": "system", "content": SYSTEM_PROMPT},
@@ -140,3 +233,45 @@ class LLMAnswerer:
         if not content:
             raise UpstreamError("the language model returned an empty answer")
         return Answer(content, [_citation(n, hits[n - 1]) for n in cited], "llm")
+
+    def stream(self, question: str, hits: Sequence[Hit]) -> Iterator[AnswerEvent]:
+        """The numbered sources, the answer's text as the model writes it, then the answer and what it cites.
+
+        Raises UpstreamError mid-stream when the model fails; the events so far stand.
+        """
+        import httpx
+        import openai
+
+        yield AnswerEvent("citations", {"citations": [_citation(n, h) for n, h in enumerate(hits, start=1)]})
+        markers = CitationStream(len(hits))
+        pieces: list[str] = []
+        response: Any = None
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model,
+                messages=self.prompt(question, hits),
+                max_tokens=self.max_tokens,
+                temperature=0.0,
+                stream=True,
+            )
+            for chunk in response:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                piece = markers.feed(delta or "")
+                if piece:
+                    pieces.append(piece)
+                    yield AnswerEvent("token", {"text": piece})
+        # A connection dropped while reading the body surfaces from httpx, not wrapped by openai.
+        except (openai.OpenAIError, httpx.HTTPError) as exc:
+            raise UpstreamError(f"the language model did not answer: {exc}") from None
+        finally:
+            if response is not None:
+                response.close()  # also when the client went away: the model stops generating
+        last = markers.close()  # an unclosed "[" at the very end is text
+        if last:
+            pieces.append(last)
+            yield AnswerEvent("token", {"text": last})
+        content = "".join(pieces)
+        if not content:
+            raise UpstreamError("the language model returned an empty answer")
+        citations = [_citation(n, hits[n - 1]) for n in sorted(markers.cited)]
+        yield AnswerEvent("done", {"answer": content, "mode": "llm", "citations": citations})

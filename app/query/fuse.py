@@ -90,3 +90,49 @@ def rank_by(candidates: list[Candidate], key: str, document_weight: float) -> li
     for c in candidates:
         c.score = dense_score(c, document_weight) if key == "dense" else c.lexical
     return sorted(candidates, key=lambda c: (-c.score, str(c.document_id)))
+
+
+@dataclass
+class PassageCandidate:
+    chunk_id: int
+    document_id: uuid.UUID
+    similarity: float  # the chunk's cosine similarity to the query
+    lexical: float  # the chunk's BM25 (its heading path and text); 0 when no query term occurs in it
+    document_sim: float | None = None  # its document's single vector's similarity
+    document_lexical: float = 0.0  # its document's BM25
+    sentence_sim: float | None = None  # its best sentence's cosine similarity
+    score: float = 0.0
+    rerank_score: float | None = None
+
+
+def fuse_passages(
+    candidates: list[PassageCandidate], *, mode: str, dense_weight: float, document_weight: float,
+    sentence_weight: float,
+) -> list[PassageCandidate]:
+    """Passages sorted by score, best first (ties by chunk id).
+
+    hybrid: z(chunk cosine) and z(chunk BM25) weighted by dense_weight, plus document_weight times the
+    same blend of the document's signals (its single vector and its BM25), plus sentence_weight times its
+    best sentence's similarity, each standardised over the candidates: a passage of the document the
+    question is about ranks above a look-alike elsewhere, and one sentence that says what was asked
+    counts more than the same words spread over a paragraph.
+    dense and lexical rank by that leg's raw chunk score alone.
+    """
+    if mode != "hybrid":
+        for c in candidates:
+            c.score = c.similarity if mode == "dense" else c.lexical
+        return sorted(candidates, key=lambda c: (-c.score, c.chunk_id))
+    sims = _zscore([c.similarity for c in candidates])
+    lexical = _zscore([c.lexical for c in candidates])
+    for c, x, y in zip(candidates, sims, lexical, strict=True):
+        c.score = dense_weight * x + (1 - dense_weight) * y
+    if document_weight > 0:
+        doc_sims = _zscore([c.document_sim if c.document_sim is not None else float("-inf") for c in candidates])
+        doc_lexical = _zscore([c.document_lexical for c in candidates])
+        for c, x, y in zip(candidates, doc_sims, doc_lexical, strict=True):
+            c.score += document_weight * (dense_weight * x + (1 - dense_weight) * y)
+    if sentence_weight > 0:
+        best = _zscore([c.sentence_sim if c.sentence_sim is not None else c.similarity for c in candidates])
+        for c, x in zip(candidates, best, strict=True):
+            c.score += sentence_weight * x
+    return sorted(candidates, key=lambda c: (-c.score, c.chunk_id))

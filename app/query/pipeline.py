@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.embedding import EmbedderPool
+from app.embedding import EmbedderPool, chunker_key
 from app.errors import Unavailable
 from app.ingest.store import collection_id
 from app.models import EmbeddingModel
 from app.query import retrieve
-from app.query.answer import NO_ANSWER, Answer, ExtractiveAnswerer, LLMAnswerer
-from app.query.fuse import Candidate, Fusion, fuse, rank_by
+from app.query.answer import NO_ANSWER, Answer, AnswerEvent, ExtractiveAnswerer, LLMAnswerer, answer_events
+from app.query.fuse import Candidate, Fusion, PassageCandidate, fuse, fuse_passages, rank_by
 from app.query.rerank import Passage, RerankerPool, rocchio
 from app.reindex import spaces
 
 Mode = Literal["hybrid", "dense", "lexical"]
+Group = Literal["passage", "document"]
 # The dense leg asks HNSW for this many chunks per candidate document wanted (documents have several).
 CHUNKS_PER_CANDIDATE = 2
 
@@ -40,6 +42,9 @@ class Retrieval:
     prf_docs: int
     prf_beta: float
     ef_search: int
+    passage_dense_weight: float
+    passage_document_weight: float
+    passage_sentence_weight: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Retrieval:
@@ -56,6 +61,9 @@ class Retrieval:
             prf_docs=settings.prf_docs,
             prf_beta=settings.prf_beta,
             ef_search=settings.hnsw_ef_search,
+            passage_dense_weight=settings.passage_dense_weight,
+            passage_document_weight=settings.passage_document_weight,
+            passage_sentence_weight=settings.passage_sentence_weight,
         )
 
 
@@ -65,6 +73,7 @@ class SearchResult:
     query_vector: Any
     space: EmbeddingModel
     retrieval: Retrieval
+    group: Group = "document"
 
 
 @dataclass
@@ -75,6 +84,9 @@ class SearchRequest:
     filters: dict[str, Any] | None = None
     ef_search: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # passage: the k best chunks, several per document allowed; document: the k best documents, each
+    # shown by its best chunk. None: the server's setting.
+    group: Group | None = None
 
 
 class QueryPipeline:
@@ -93,7 +105,7 @@ class QueryPipeline:
         self.rerankers = rerankers or RerankerPool(settings.embedding_device)
         if self.defaults.rerank.startswith("cross-encoder:"):
             self.rerankers.get(self.defaults.rerank)  # load at start, not in the first request
-        self.extractive = ExtractiveAnswerer(settings.answer_max_sentences)
+        self.extractive = ExtractiveAnswerer(settings.answer_max_sentences, settings.answer_max_words)
         self.llm = (
             LLMAnswerer(llm_client, settings.llm_model, settings.llm_max_tokens)
             if llm_client is not None and settings.llm_model
@@ -109,7 +121,7 @@ class QueryPipeline:
         return opts
 
     def search(self, session: Session, req: SearchRequest) -> SearchResult:
-        """Ranked chunks (one per document, its best) from the active space.
+        """Ranked chunks from the active space: the k best passages, or the k best documents by their best chunk.
 
         retrieve (dense HNSW leg and/or BM25 leg) -> exact signals for every candidate -> fuse ->
         rerank -> the top k. The space is read once, in the request's transaction, so a response
@@ -126,6 +138,84 @@ class QueryPipeline:
             raise Unavailable(f"the active embedding space cannot be queried here: {exc}", retry_after=60) from None
         # The query vector ranks a document's chunks in every mode, so even a lexical hit shows its best part.
         qvec = embedder.encode([req.query])[0]
+        if (req.group or self.settings.search_group) == "passage":
+            return self._passages(session, req, opts, cid, space, qvec)
+        return self._documents(session, req, opts, cid, space, qvec)
+
+    def _passages(
+        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel, qvec: Any
+    ) -> SearchResult:
+        """Passage ranking: both legs score chunks (HNSW over chunk vectors, BM25 over chunk postings);
+        every candidate chunk gets both signals exactly, plus its document's (single vector, BM25) as a prior."""
+        pool = max(opts.candidates, req.k)
+        chunker = chunker_key(space.params or {})
+        dense: dict[int, tuple[uuid.UUID, float]] = {}
+        lexical: dict[int, tuple[uuid.UUID, float]] = {}
+        if opts.mode in ("dense", "hybrid"):
+            hits = retrieve.dense_chunks(
+                session, space, qvec, cid, min(pool, 1000),
+                filters=req.filters, ef_search=opts.ef_search, max_scan_tuples=self.settings.hnsw_max_scan_tuples,
+            )
+            dense = {h.chunk_id: (h.document_id, h.score) for h in hits}
+        if opts.mode in ("lexical", "hybrid"):
+            lexical = retrieve.lexical_chunks(
+                session, req.query, cid, chunker, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters
+            )
+        # Fill in each candidate's missing signal exactly: the cosine of lexical hits (every mode shows it),
+        # the BM25 of dense hits (0 when no query term occurs in them).
+        dense.update(retrieve.chunk_similarities(session, space, qvec, [c for c in lexical if c not in dense]))
+        if opts.mode == "hybrid":
+            missing = [c for c in dense if c not in lexical]
+            if missing:
+                lexical.update(retrieve.lexical_chunks(
+                    session, req.query, cid, chunker, len(missing), k1=opts.bm25_k1, b=opts.bm25_b, within=missing
+                ))
+        candidates = [
+            PassageCandidate(chunk, doc, sim, lexical.get(chunk, (doc, 0.0))[1])
+            for chunk, (doc, sim) in dense.items()
+        ]
+        if opts.mode == "hybrid" and opts.passage_document_weight > 0 and candidates:
+            documents = list({c.document_id: None for c in candidates})
+            doc_sims = retrieve.document_similarities(session, space, qvec, documents)
+            doc_lexical = dict(retrieve.lexical_documents(
+                session, req.query, cid, len(documents), k1=opts.bm25_k1, b=opts.bm25_b, within=documents
+            ))
+            for c in candidates:
+                c.document_sim = doc_sims.get(c.document_id)
+                c.document_lexical = doc_lexical.get(c.document_id, 0.0)
+        if opts.mode == "hybrid" and opts.passage_sentence_weight > 0 and candidates:
+            best = retrieve.best_sentences(session, space, qvec, [c.chunk_id for c in candidates])
+            for c in candidates:
+                c.sentence_sim = best.get(c.chunk_id)
+        ranked = fuse_passages(candidates, mode=opts.mode, dense_weight=opts.passage_dense_weight,
+                               document_weight=opts.passage_document_weight,
+                               sentence_weight=opts.passage_sentence_weight)
+        if opts.rerank.startswith("cross-encoder:"):
+            ranked = self._cross_encode_passages(session, req.query, ranked, opts)
+        top = ranked[: req.k]
+        hits = retrieve.chunk_hits(session, [(c.chunk_id, c.score, c.similarity) for c in top])
+        reranked = {c.chunk_id: c.rerank_score for c in top}
+        for h in hits:
+            h.rerank_score = reranked.get(h.chunk_id)
+        return SearchResult(hits, qvec, space, opts, "passage")
+
+    def _cross_encode_passages(
+        self, session: Session, query: str, ranked: list[PassageCandidate], opts: Retrieval
+    ) -> list[PassageCandidate]:
+        """The head of the passage ranking reordered by the cross-encoder; the tail keeps its order below it."""
+        reranker = self.rerankers.get(opts.rerank)
+        head, tail = ranked[: opts.rerank_depth], ranked[opts.rerank_depth :]
+        texts = {h.chunk_id: h for h in retrieve.chunk_hits(session, [(c.chunk_id, 0.0, 0.0) for c in head])}
+        head = [c for c in head if c.chunk_id in texts]
+        scores = reranker.scores(query, [Passage(texts[c.chunk_id].title, texts[c.chunk_id].text) for c in head])
+        for c, score in zip(head, scores, strict=True):
+            c.rerank_score = float(score)
+        return sorted(head, key=lambda c: -(c.rerank_score or 0.0)) + tail
+
+    def _documents(
+        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel, qvec: Any
+    ) -> SearchResult:
+        """Document ranking: one result per document, shown by its chunk closest to the query."""
         pool = max(opts.candidates, req.k)
 
         found: dict[uuid.UUID, None] = {}
@@ -170,7 +260,7 @@ class QueryPipeline:
         hits = retrieve.chunk_hits(session, [(c.chunk_id, c.score, c.chunk_sim) for c in top if c.chunk_id is not None])
         for h in hits:
             h.rerank_score = rerank_scores.get(h.document_id)
-        return SearchResult(hits, qvec, space, opts)
+        return SearchResult(hits, qvec, space, opts, "document")
 
     @staticmethod
     def _candidates(
@@ -207,13 +297,37 @@ class QueryPipeline:
         order = sorted(range(len(head)), key=lambda i: -scores[i])
         return [head[i] for i in order] + tail, {head[i].document_id: scores[i] for i in range(len(head))}
 
+    def relevant(self, session: Session, req: SearchRequest) -> tuple[SearchResult, list[retrieve.Hit]]:
+        """The passages found for a question and those of them close enough to it to answer from."""
+        result = self.search(session, replace(req, group="passage"))
+        return result, [h for h in result.hits if (h.similarity or 0.0) >= self.settings.answer_min_score]
+
     def ask(self, session: Session, req: SearchRequest) -> Answer:
         """An answer that cites the chunks it used, or a plain 'not found' when nothing is relevant."""
-        result = self.search(session, req)
-        relevant = [h for h in result.hits if (h.similarity or 0.0) >= self.settings.answer_min_score]
+        result, relevant = self.relevant(session, req)
         if not relevant:
             return Answer(NO_ANSWER, [], "none")
         if self.llm is not None:
             return self.llm.answer(req.query, relevant)
-        embedder = self.embedders.for_space(result.space)
-        return self.extractive.answer(embedder, result.query_vector, relevant, self.settings.answer_min_score)
+        return self._extract(session, req, result, relevant)
+
+    def ask_events(self, session: Session, req: SearchRequest) -> Iterator[AnswerEvent]:
+        """ask() as events: citations, tokens, done (see AnswerEvent); may raise AppError while iterated.
+
+        Retrieval (and the extractive answer) run now, in the caller's session; the events need no
+        database, so they can be sent after the session is closed.
+        """
+        result, relevant = self.relevant(session, req)
+        if not relevant:
+            return answer_events(Answer(NO_ANSWER, [], "none"))
+        if self.llm is not None:
+            return self.llm.stream(req.query, relevant)
+        return answer_events(self._extract(session, req, result, relevant))
+
+    def _extract(
+        self, session: Session, req: SearchRequest, result: SearchResult, relevant: list[retrieve.Hit]
+    ) -> Answer:
+        """The extractive answer from the passages' sentence vectors (made at ingest) and term overlap."""
+        sentences = retrieve.sentence_scores(session, result.space, result.query_vector, req.query,
+                                             [h.chunk_id for h in relevant])
+        return self.extractive.answer(relevant, sentences)

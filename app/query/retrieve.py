@@ -28,6 +28,9 @@ class Hit:
     # decide whether anything relevant was found, whatever the ranking mode.
     similarity: float | None = None
     rerank_score: float | None = None
+    heading_path: list[str] = field(default_factory=list)
+    page_start: int | None = None
+    page_end: int | None = None
 
     def __post_init__(self) -> None:
         if self.similarity is None:
@@ -98,7 +101,7 @@ def dense_chunks(
              LIMIT :k
         )
         SELECT n.chunk_id, n.document_id, d.external_id, d.title, d.metadata, c.text, c.ordinal,
-               1 - n.distance AS score
+               c.heading_path, c.page_start, c.page_end, 1 - n.distance AS score
           FROM nearest n
           JOIN chunks c ON c.id = n.chunk_id
           JOIN documents d ON d.id = n.document_id
@@ -107,7 +110,8 @@ def dense_chunks(
         params,
     ).all()
     return [
-        Hit(r.chunk_id, r.document_id, r.external_id, r.title, r.text, r.ordinal, float(r.score), r.metadata or {})
+        Hit(r.chunk_id, r.document_id, r.external_id, r.title, r.text, r.ordinal, float(r.score), r.metadata or {},
+            heading_path=list(r.heading_path or []), page_start=r.page_start, page_end=r.page_end)
         for r in rows
     ]
 
@@ -168,6 +172,170 @@ def lexical_documents(
     return [(r.document_id, float(r.score)) for r in rows]
 
 
+def lexical_chunks(
+    session: Session,
+    query: str,
+    collection_id: int,
+    chunker: str,
+    n: int,
+    *,
+    k1: float,
+    b: float,
+    filters: dict[str, Any] | None = None,
+    within: list[int] | None = None,
+) -> dict[int, tuple[uuid.UUID, float]]:
+    """The n best passages of one chunk set by BM25 over their heading path and text: chunk id -> (document, score).
+
+    `within` scores only those chunks. Statistics (passage count, average length, document frequency)
+    are the chunk set's own, live.
+    """
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b}
+    where = _filter_sql(filters, params)
+    join = " JOIN documents d ON d.id = c.document_id" if where else ""
+    only = ""
+    if within is not None:
+        params["ids"] = within
+        only = " AND p.chunk_id = ANY(:ids)"
+    rows = session.execute(
+        text(f"""
+        WITH q AS (
+            SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
+        ), stats AS (
+            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
+              FROM chunks WHERE collection_id = :cid AND chunker = :ck AND lexical_length > 0
+        ), idf AS (
+            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+              FROM q CROSS JOIN stats s
+              JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = q.term
+             GROUP BY q.term, s.n
+        ), scored AS (
+            SELECT p.chunk_id,
+                   sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl))) AS score
+              FROM chunk_postings p
+              JOIN idf i ON i.term = p.term
+             CROSS JOIN stats s
+             WHERE p.collection_id = :cid AND p.chunker = :ck{only}
+             GROUP BY p.chunk_id
+        )
+        SELECT sc.chunk_id, c.document_id, sc.score
+          FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
+         WHERE true{where}
+         ORDER BY sc.score DESC, sc.chunk_id
+         LIMIT :n
+        """),
+        params,
+    ).all()
+    return {int(r.chunk_id): (r.document_id, float(r.score)) for r in rows}
+
+
+def chunk_similarities(
+    session: Session, space: EmbeddingModel, query: np.ndarray, chunks: list[int]
+) -> dict[int, tuple[uuid.UUID, float]]:
+    """Exact cosine similarity of the query to each of these chunks in this space: chunk id -> (document, cosine)."""
+    if not chunks:
+        return {}
+    dim, mid = int(space.dimension), int(space.id)
+    rows = session.execute(
+        text(f"""
+        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
+          FROM chunk_vectors cv
+         WHERE cv.model_id = {mid} AND cv.chunk_id = ANY(:ids)
+        """),
+        {"q": vector_literal(query), "ids": chunks},
+    ).all()
+    return {int(r.chunk_id): (r.document_id, float(r.sim)) for r in rows}
+
+
+def best_sentences(
+    session: Session, space: EmbeddingModel, query: np.ndarray, chunks: list[int]
+) -> dict[int, float]:
+    """Each chunk's best sentence: the highest cosine similarity of the query to one of its sentences."""
+    if not chunks:
+        return {}
+    dim, mid = int(space.dimension), int(space.id)
+    rows = session.execute(
+        text(f"""
+        SELECT sv.chunk_id, max(1 - ((sv.embedding::vector({dim})) <=> CAST(:q AS vector({dim})))) AS sim
+          FROM sentence_vectors sv
+         WHERE sv.model_id = {mid} AND sv.chunk_id = ANY(:ids)
+         GROUP BY sv.chunk_id
+        """),
+        {"q": vector_literal(query), "ids": chunks},
+    ).all()
+    return {int(r.chunk_id): float(r.sim) for r in rows}
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    """One quotable sentence of a passage: its span in the chunk's text, and how well it matches the question."""
+
+    chunk_id: int
+    ordinal: int
+    start: int
+    end: int
+    similarity: float  # cosine similarity of its vector to the question's
+    overlap: float  # summed IDF of the question's terms that occur in it
+
+
+def sentence_scores(
+    session: Session, space: EmbeddingModel, query: np.ndarray, query_text: str, chunks: list[int]
+) -> list[SentenceScore]:
+    """Every quotable sentence of these chunks, with its cosine similarity and its term overlap with the question.
+
+    The IDF is the passages' own (the chunk set of the first chunk's collection), so rare terms count most.
+    """
+    if not chunks:
+        return []
+    dim, mid = int(space.dimension), int(space.id)
+    rows = session.execute(
+        text(f"""
+        WITH cs AS (
+            SELECT collection_id, chunker FROM chunks WHERE id = (CAST(:ids AS bigint[]))[1]
+        ), q AS (
+            SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :qt))
+        ), stats AS (
+            SELECT count(*)::float8 AS n FROM chunks c JOIN cs ON c.collection_id = cs.collection_id
+               AND c.chunker = cs.chunker
+        ), idf AS (
+            SELECT q.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
+              FROM q CROSS JOIN stats s CROSS JOIN cs
+              LEFT JOIN chunk_postings p ON p.collection_id = cs.collection_id AND p.chunker = cs.chunker
+                                        AND p.term = q.term
+             GROUP BY q.term, s.n
+        )
+        SELECT sv.chunk_id, sv.ordinal, sv.char_start, sv.char_end,
+               1 - ((sv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim,
+               coalesce((SELECT sum(i.idf) FROM idf i
+                          WHERE i.term = ANY(tsvector_to_array(to_tsvector('{TEXT_SEARCH_CONFIG}',
+                                substr(c.text, sv.char_start + 1, sv.char_end - sv.char_start))))), 0) AS overlap
+          FROM sentence_vectors sv JOIN chunks c ON c.id = sv.chunk_id
+         WHERE sv.model_id = {mid} AND sv.chunk_id = ANY(:ids)
+         ORDER BY sv.chunk_id, sv.ordinal
+        """),
+        {"q": vector_literal(query), "qt": query_text, "ids": chunks},
+    ).all()
+    return [SentenceScore(int(r.chunk_id), int(r.ordinal), int(r.char_start), int(r.char_end), float(r.sim),
+                          float(r.overlap)) for r in rows]
+
+
+def document_similarities(
+    session: Session, space: EmbeddingModel, query: np.ndarray, documents: list[uuid.UUID]
+) -> dict[uuid.UUID, float]:
+    """Exact cosine similarity of the query to the single vector of each document in this space."""
+    if not documents:
+        return {}
+    dim, mid = int(space.dimension), int(space.id)
+    rows = session.execute(
+        text(f"""
+        SELECT dv.document_id, 1 - ((dv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
+          FROM document_vectors dv
+         WHERE dv.model_id = {mid} AND dv.document_id = ANY(:ids)
+        """),
+        {"q": vector_literal(query), "ids": documents},
+    ).all()
+    return {r.document_id: float(r.sim) for r in rows}
+
+
 # --- dense signals of candidate documents ---------------------------------------------------------
 
 
@@ -224,7 +392,8 @@ def chunk_hits(session: Session, picks: list[tuple[int, float, float]]) -> list[
         return []
     rows = session.execute(
         text("""
-        SELECT c.id, c.document_id, c.text, c.ordinal, d.external_id, d.title, d.metadata
+        SELECT c.id, c.document_id, c.text, c.ordinal, d.external_id, d.title, d.metadata,
+               c.heading_path, c.page_start, c.page_end
           FROM chunks c JOIN documents d ON d.id = c.document_id
          WHERE c.id = ANY(:ids)
         """),
@@ -237,7 +406,8 @@ def chunk_hits(session: Session, picks: list[tuple[int, float, float]]) -> list[
         if r is None:  # deleted between the scoring and this read
             continue
         hits.append(Hit(r.id, r.document_id, r.external_id, r.title, r.text, r.ordinal, score,
-                        r.metadata or {}, similarity))
+                        r.metadata or {}, similarity, heading_path=list(r.heading_path or []),
+                        page_start=r.page_start, page_end=r.page_end))
     return hits
 
 

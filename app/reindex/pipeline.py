@@ -13,7 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import session_scope
-from app.embedding import EmbedderPool
+from app.embedding import Embedder, EmbedderPool, chunker_key
+from app.ingest.chunk import Chunker
+from app.ingest.embed import embed_documents
+from app.ingest.pipeline import chunker_for, split_document
+from app.ingest.store import ChunkSet, PendingDocument
 from app.models import EmbeddingModel
 from app.reindex import backfill, quality, spaces
 from app.reindex.switch import switch
@@ -95,6 +99,13 @@ class ReindexPipeline:
 
         embedded = 0
         batch_size = self.settings.reindex_batch_chunks
+        with session_scope(self.factory) as session:
+            source_chunker = chunker_key(spaces.by_id(session, source_id).params or {})
+        target_chunker = chunker_key(target.params or {})
+        # A new chunker means new chunks: documents are re-chunked from their stored content.
+        rechunk = target_chunker != source_chunker
+        chunker = chunker_for(embedder) if rechunk else None
+        tried: set[uuid.UUID] = set()  # documents that gave no chunks are not asked for again
         for _round in range(5):
             sweeping = False
             while True:
@@ -105,14 +116,25 @@ class ReindexPipeline:
                     if status != "running":
                         log.warning("re-index %s stopped: %s", job_id, status)
                         return ReindexOutcome(str(status), embedded)
-                    batch = backfill.next_batch(session, target.id, 0 if sweeping else cursor, batch_size)
+                    if chunker is not None:
+                        docs = backfill.documents_to_rechunk(session, target_chunker, max(1, batch_size // 8))
+                    else:
+                        batch = backfill.next_batch(session, target.id, target_chunker, 0 if sweeping else cursor,
+                                                    batch_size)
+                if chunker is not None:
+                    docs = [d for d in docs if d.id not in tried]
+                    if not docs:
+                        break
+                    tried.update(d.id for d in docs)
+                    embedded += self._rechunk(job_id, target.id, target_chunker, chunker, embedder, docs)
+                    continue
                 if batch is None:
                     if sweeping:
                         break
                     # Past the end: sweep from the start for chunks written out of id order meanwhile.
                     sweeping = True
                     continue
-                vectors = embedder.encode(batch.texts)
+                [vectors] = embed_documents(embedder, [batch.chunks])
                 with session_scope(self.factory) as session:
                     embedded += backfill.write_batch(
                         session, job_id, target.id, batch, vectors, advance_cursor=not sweeping
@@ -127,12 +149,27 @@ class ReindexPipeline:
             with session_scope(self.factory) as session:
                 # Hold off new chunks while checking completeness and switching, so nothing slips between.
                 session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
-                if backfill.missing_count(session, target.id) == 0:
+                if backfill.missing_count(session, target.id, target_chunker, rechunk) == 0:
                     if switch(session, job_id, source_id, target.id):
                         return ReindexOutcome("succeeded", embedded)
                     return ReindexOutcome("stopped before the switch", embedded)
         self._fail(job_id, "chunks kept arriving without vectors in the new space; giving up after 5 rounds")
         return ReindexOutcome("failed", embedded)
+
+    def _rechunk(
+        self, job_id: uuid.UUID, target_id: int, key: str, chunker: Chunker, embedder: Embedder,
+        docs: list[PendingDocument],
+    ) -> int:
+        """Chunk and embed a batch of documents into the new chunk set; each written in its own transaction."""
+        chunked = [split_document(chunker, doc) for doc in docs]
+        vectors = embed_documents(embedder, chunked)
+        added = 0
+        for doc, chunks, embedded in zip(docs, chunked, vectors, strict=True):
+            if not chunks:
+                continue
+            with session_scope(self.factory) as session:
+                added += backfill.write_rechunked(session, job_id, doc, ChunkSet(key, chunks, {target_id: embedded}))
+        return added
 
     def _passes_quality_gate(self, job_id: uuid.UUID, source_id: int, target: EmbeddingModel) -> bool:
         """Evaluate both spaces on the labelled set; record the figures; refuse the switch if quality drops."""

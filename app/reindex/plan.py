@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.embedding import ModelSpec
+from app.embedding import ModelSpec, chunker_key
 from app.errors import Conflict
 from app.models import EmbeddingModel
 from app.reindex import spaces
@@ -39,8 +39,11 @@ def open_job(session: Session) -> dict[str, object] | None:
 
 
 def _create_job(session: Session, source: EmbeddingModel, target: EmbeddingModel, reason: str) -> uuid.UUID:
+    # The active space's chunks (a new chunker makes about as many of its own).
     total = session.execute(
-        text("SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id WHERE d.status = 'indexed'")
+        text("SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.document_id "
+             "WHERE d.status = 'indexed' AND c.chunker = :ck"),
+        {"ck": chunker_key(source.params or {})},
     ).scalar_one()
     job_id = uuid.uuid4()
     session.execute(

@@ -16,7 +16,7 @@ from app.embedding import ModelSpec
 from app.models import EmbeddingModel, ReindexJob
 
 log = logging.getLogger(__name__)
-VECTOR_TABLES = ("chunk_vectors", "document_vectors")
+VECTOR_TABLES = ("chunk_vectors", "sentence_vectors", "document_vectors")
 # Only the chunk table is searched through an index; a document's single vector is read by primary key
 # for the candidates being scored, so an HNSW index on it would only slow every write.
 HNSW_TABLES = ("chunk_vectors",)

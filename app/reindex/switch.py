@@ -85,6 +85,18 @@ def retire_expired(session: Session, retention_hours: float) -> list[int]:
         for table in spaces.VECTOR_TABLES:
             session.execute(text(f"DROP INDEX IF EXISTS {spaces.index_name(table, mid)}"))
             session.execute(text(f"DELETE FROM {table} WHERE model_id = :m"), {"m": mid})
+        # Its chunk set goes too when no other space that is kept reads it.
+        session.execute(
+            text("""
+            DELETE FROM chunks c USING embedding_models m
+             WHERE m.id = :m AND c.chunker = 'v' || coalesce(m.params->>'chunker_version', '1') || ':'
+                   || (m.params->>'chunk_max_tokens') || ':' || (m.params->>'chunk_overlap_tokens')
+               AND NOT EXISTS (SELECT 1 FROM embedding_models o
+                                WHERE o.id <> m.id AND o.status IN ('active', 'building', 'retired')
+                                  AND o.params = m.params)
+            """),
+            {"m": mid},
+        )
         # A rolled-back, refused or cancelled space keeps its status: its model is not re-indexed by itself.
         session.execute(
             text(

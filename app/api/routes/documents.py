@@ -18,7 +18,7 @@ from app.api.schemas import V1_ERRORS, DocumentIn, DocumentOut, IngestAccepted, 
 from app.db.session import session_scope
 from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
-from app.ingest.load import LoadedDocument, check_storable, load_json, load_upload
+from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
 from app.keys import Principal
 
 router = APIRouter(prefix="/v1", tags=["documents"], responses=error_responses(*V1_ERRORS, 404))
@@ -38,6 +38,9 @@ UPLOAD_BODY = {
                                  "description": "txt, md, html, pdf, or jsonl ({_id, title, text} per line)"},
                         "collection": {"type": "string", "default": "default"},
                         "metadata": {"type": "string", "description": "a JSON object added to every document"},
+                        "path": {"type": "string", "minLength": 1, "maxLength": MAX_EXTERNAL_ID,
+                                 "description": "the file's path relative to the folder ingested (POSIX, no '..'): "
+                                                "its external id instead of the base name; for jsonl, the source"},
                     },
                 }
             },
@@ -76,8 +79,14 @@ async def _read_request(request: Request, limit: int, principal: Principal) -> t
         store.check_collection_name(collection)
         check_collection(principal, collection, "write")  # before any parsing
         extra = _json_object(str(form.get("metadata") or ""), "the metadata field")
+        path = form.get("path")
+        if path is not None and not isinstance(path, str):
+            raise BadInput("the path field must be text, not a file")
+        external_id = None if path is None else check_path(path)
         data = await upload.read(limit + 1)
-        docs = await run_in_threadpool(load_upload, upload.filename, upload.content_type, data, limit)
+        docs = await run_in_threadpool(
+            load_upload, upload.filename, upload.content_type, data, limit, external_id=external_id
+        )
         for doc in docs:
             doc.metadata = {**doc.metadata, **extra}
         return collection, docs
