@@ -67,15 +67,18 @@ def upsert_documents(
         text("""
         WITH incoming AS (
             SELECT * FROM unnest(CAST(:ext AS text[]), CAST(:title AS text[]), CAST(:source AS text[]),
-                                 CAST(:meta AS jsonb[]), CAST(:content AS text[]), CAST(:hash AS text[]))
-                AS t(external_id, title, source, metadata, content, content_hash)
+                                 CAST(:meta AS jsonb[]), CAST(:content AS text[]), CAST(:hash AS text[]),
+                                 CAST(:format AS text[]))
+                AS t(external_id, title, source, metadata, content, content_hash, format)
         ), upserted AS (
             INSERT INTO documents AS d (id, collection_id, external_id, title, source, metadata,
-                                        content, content_hash, status)
-            SELECT gen_random_uuid(), :cid, external_id, title, source, metadata, content, content_hash, 'queued'
+                                        content, content_hash, format, status)
+            SELECT gen_random_uuid(), :cid, external_id, title, source, metadata, content, content_hash, format,
+                   'queued'
             FROM incoming
             ON CONFLICT (collection_id, external_id) DO UPDATE
                SET title = EXCLUDED.title, source = EXCLUDED.source, metadata = EXCLUDED.metadata,
+                   format = CASE WHEN d.content_hash = EXCLUDED.content_hash THEN d.format ELSE EXCLUDED.format END,
                    content = CASE WHEN d.content_hash = EXCLUDED.content_hash THEN d.content
                                   ELSE EXCLUDED.content END,
                    content_hash = EXCLUDED.content_hash,
@@ -100,6 +103,7 @@ def upsert_documents(
             "meta": [Jsonb(d.metadata) for d in docs],
             "content": [d.content for d in docs],
             "hash": [d.content_hash for d in docs],
+            "format": [d.format for d in docs],
         },
     ).all()
     queued = [r.id for r in rows if r.status == "queued"]

@@ -194,9 +194,10 @@ class QueryPipeline:
             ranked = self._cross_encode_passages(session, req.query, ranked, opts)
         top = ranked[: req.k]
         hits = retrieve.chunk_hits(session, [(c.chunk_id, c.score, c.similarity) for c in top])
-        reranked = {c.chunk_id: c.rerank_score for c in top}
+        by_chunk = {c.chunk_id: c for c in top}
         for h in hits:
-            h.rerank_score = reranked.get(h.chunk_id)
+            h.rerank_score = by_chunk[h.chunk_id].rerank_score
+            h.sentence_similarity = by_chunk[h.chunk_id].sentence_sim
         return SearchResult(hits, qvec, space, opts, "passage")
 
     def _cross_encode_passages(
@@ -300,7 +301,7 @@ class QueryPipeline:
     def relevant(self, session: Session, req: SearchRequest) -> tuple[SearchResult, list[retrieve.Hit]]:
         """The passages found for a question and those of them close enough to it to answer from."""
         result = self.search(session, replace(req, group="passage"))
-        return result, [h for h in result.hits if (h.similarity or 0.0) >= self.settings.answer_min_score]
+        return result, [h for h in result.hits if h.relevance >= self.settings.answer_min_score]
 
     def ask(self, session: Session, req: SearchRequest) -> Answer:
         """An answer that cites the chunks it used, or a plain 'not found' when nothing is relevant."""

@@ -31,6 +31,13 @@ class Hit:
     heading_path: list[str] = field(default_factory=list)
     page_start: int | None = None
     page_end: int | None = None
+    # Passage search: the cosine similarity of the chunk's sentence closest to the query.
+    sentence_similarity: float | None = None
+
+    @property
+    def relevance(self) -> float:
+        """How close the passage, or one sentence of it, comes to the query (cosine)."""
+        return max(self.similarity or 0.0, self.sentence_similarity or -1.0)
 
     def __post_init__(self) -> None:
         if self.similarity is None:
