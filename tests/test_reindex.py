@@ -31,10 +31,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from app.db.session import session_scope
-from app.embedding import CHUNKER_VERSION, Embedder, ModelSpec
+from app.embedding import CHUNKER_VERSION, Embedder, ModelSpec, chunker_key
+from app.ingest.chunk import with_context
+from app.ingest.pipeline import chunker_for, split_document
+from app.ingest.store import PendingDocument
 from app.main import create_app
 from app.reindex.plan import cancel, plan
-from app.reindex.switch import switch
+from app.reindex.switch import retire_expired, switch
 from tests.fixtures.helpers import as_admin, upload, wait_for_job
 from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database, settings_of
 
@@ -325,8 +328,65 @@ def test_config_change_reindexes_by_itself(seed: Seed, redis_url: str, tmp_path:
             for query in DOCS_QUERIES:
                 space, results = search(client, "docs", query)
                 assert space == {"id": new_id, "fingerprint": new_fingerprint}
-                q, top = embedder.encode([query, results[0]["text"]])
+                # The chunk is embedded under its heading path.
+                q, top = embedder.encode([query, with_context(" > ".join(results[0]["heading_path"]),
+                                                             results[0]["text"])])
                 assert results[0]["similarity"] == pytest.approx(cosine(q, top), abs=1e-5)
+
+
+def _chunk_sets(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {r.chunker: int(r.n) for r in conn.execute(text("SELECT chunker, count(*) AS n FROM chunks GROUP BY 1"))}
+
+
+def test_chunker_change_rechunks_every_document(seed: Seed, redis_url: str, tmp_path: Path) -> None:
+    """A new chunker (here a smaller chunk budget; a new CHUNKER_VERSION takes the same path) re-chunks every
+    document from its stored content beside the old chunks, switches, and the old chunks go with the old space."""
+    with cloned_database(seed.server, seed.small) as url, engine_on(url) as engine:
+        env = service_env(url, redis_url, **OLD, PGSAGE_CHUNK_MAX_TOKENS="96")
+        embedder = Embedder(settings_of(env))
+        new_key = chunker_key(embedder.spec.params)
+        [old_key] = _chunk_sets(engine)
+        assert new_key != old_key
+        with worker_and_api(env, tmp_path / "worker.log") as (_, client):
+            job = wait_job(engine, finished, "finished")
+            assert job["status"] == "succeeded", job
+            new_id, _ = active_space(engine)
+            sets = _chunk_sets(engine)
+            assert set(sets) == {old_key, new_key}  # the old chunks stay while the old space can be rolled back
+            chunker = chunker_for(embedder)
+            with engine.connect() as conn:
+                docs = conn.execute(text(
+                    "SELECT id, collection_id, content, content_hash, title, format FROM documents "
+                    "WHERE status = 'indexed'"
+                )).all()
+                assert docs
+                for d in docs:
+                    expected = split_document(chunker, PendingDocument(d.id, d.collection_id, d.content,
+                                                                       d.content_hash, 0, d.title, d.format))
+                    stored = conn.execute(text(
+                        "SELECT c.ordinal, c.text, c.char_start, c.char_end, c.heading_path, c.token_count, "
+                        "(SELECT count(*) FROM chunk_vectors v WHERE v.chunk_id = c.id AND v.model_id = :m) AS vecs, "
+                        "(SELECT count(*) FROM sentence_vectors v WHERE v.chunk_id = c.id AND v.model_id = :m) AS sv "
+                        "FROM chunks c WHERE c.document_id = :d AND c.chunker = :k ORDER BY c.ordinal"
+                    ), {"d": d.id, "k": new_key, "m": new_id}).all()
+                    assert [(r.ordinal, r.text, r.char_start, r.char_end, tuple(r.heading_path), r.token_count)
+                            for r in stored] == [(c.ordinal, c.text, c.char_start, c.char_end, c.heading_path,
+                                                  c.token_count) for c in expected]
+                    assert [(r.vecs, r.sv) for r in stored] == [(1, len(c.sentences)) for c in expected]
+                    assert max(c.token_count for c in expected) <= 96
+            # Queries are served from the new chunks.
+            with engine.connect() as conn:
+                new_ids = set(conn.execute(text("SELECT id FROM chunks WHERE chunker = :k"), {"k": new_key}).scalars())
+            for query in DOCS_QUERIES:
+                space, results = search(client, "docs", query)
+                assert space["id"] == new_id
+                assert {int(r["chunk_id"]) for r in results} <= new_ids
+            # Retirement drops the old space's vectors and, with them, its chunk set.
+            with engine.begin() as conn:
+                retired = retire_expired(sessionmaker(bind=conn)(), 0)
+            assert retired == [seed.old_space_id]
+            assert set(_chunk_sets(engine)) == {new_key}
 
 
 # ---------------------------------------------------------------------------------------------
