@@ -104,7 +104,8 @@ def test_markdown_chunks_keep_blocks_whole_and_sections_apart(chunker: Chunker, 
     prose = [c for c in measuring if "Sentence number" in c.text]
     assert len(prose) >= 3
     for c in prose:
-        assert c.text.startswith("Sentence number") and c.text.endswith("ice.")
+        assert c.text.startswith("Sentence number")
+        assert c.text.endswith("ice.")
 
 
 def test_long_lists_tables_and_code_split_at_lines(chunker: Chunker) -> None:
@@ -132,8 +133,10 @@ def test_html_is_chunked_on_its_structure(chunker: Chunker) -> None:
     <h2>Code</h2><pre>hydration = water / flour
 print(hydration)</pre><script>alert(1)</script></body></html>"""
     [doc] = load_upload("notes.html", None, html, 1 << 20)
-    assert doc.format == "markdown" and doc.title == "Kitchen notes"
-    assert "alert" not in doc.content and "color" not in doc.content
+    assert doc.format == "markdown"
+    assert doc.title == "Kitchen notes"
+    assert "alert" not in doc.content
+    assert "color" not in doc.content
     chunks = chunker.split(doc.content, kind=doc.format, title=doc.title)
     spans_are_exact(doc.content, chunks)
     paths = {c.heading_path: c.text for c in chunks}
@@ -152,7 +155,8 @@ def test_pdf_chunks_know_their_pages(chunker: Chunker) -> None:
     chunks = chunker.split(doc.content, kind=doc.format, title=doc.title)
     spans_are_exact(doc.content, chunks)
     assert chunks[0].page_start == 1
-    assert chunks[-1].page_end == 4 and "auditors" in chunks[-1].text
+    assert chunks[-1].page_end == 4
+    assert "auditors" in chunks[-1].text
     assert all(c.page_start is not None and c.page_end is not None and c.page_start <= c.page_end for c in chunks)
     # A chunk spanning the page break says so.
     assert any(c.page_start == 1 and c.page_end == 2 for c in chunks) or chunks[1].page_start == 2

@@ -114,9 +114,11 @@ def test_answer_quotes_the_answering_sentence_with_its_section(client: TestClien
     assert len(body["answer"].split()) <= 45
     cited = body["citations"][0]
     assert cited["heading_path"] == ["Espresso machine manual", "Brewing"]
-    assert cited["quote"] and all(q in cited["text"] for q in cited["quote"].split(QUOTE_GAP))
+    assert cited["quote"]
+    assert all(q in cited["text"] for q in cited["quote"].split(QUOTE_GAP))
     # Never a list fragment, code or a heading.
-    assert "brew --pressure" not in body["answer"] and "##" not in body["answer"]
+    assert "brew --pressure" not in body["answer"]
+    assert "##" not in body["answer"]
 
 
 def test_answer_from_a_pdf_cites_its_page(client: TestClient, library: str) -> None:
