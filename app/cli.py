@@ -782,7 +782,9 @@ def eval_(
     ids = [q for q in qrels if q in queries][:max_queries]
     if not ids:
         raise typer.Exit(_fail(f"no query of {split!r} has both a text and labels"))
-    body: dict[str, Any] = {"k": 100, "collection": name, "mode": mode, "rerank": rerank, "ef_search": ef_search,
+    # Documents are judged here, so results are documents (each shown by its best passage).
+    body: dict[str, Any] = {"k": 100, "collection": name, "group": "document", "mode": mode, "rerank": rerank,
+                            "ef_search": ef_search,
                             "retrieval": retrieval}
     with _client(url) as client:
         lines = sum(1 for line in corpus.open(encoding="utf-8") if line.strip())

@@ -78,6 +78,8 @@ def _source_label(hit: Hit) -> str:
 # the question's rarer terms the sentence holds, and how far its passage ranks below the best one.
 OVERLAP_WEIGHT = 0.2
 PASSAGE_WEIGHT = 0.1
+# A further sentence is quoted only if it scores within this of the best one (a weak runner-up is noise).
+FURTHER_SENTENCE_MARGIN = 0.2
 # Between two sentences quoted from one passage (the quote is what the passage says, not one span of it).
 QUOTE_GAP = " … "
 NOT_QUOTABLE = ("The passages cited below are the closest I found, but none of their sentences answers the "
@@ -119,6 +121,8 @@ class ExtractiveAnswerer:
         chosen = [candidates[0]]
         words = len(candidates[0][3].split())
         for candidate in candidates[1 : self.max_sentences]:
+            if candidate[0] < candidates[0][0] - FURTHER_SENTENCE_MARGIN:
+                break
             if words + len(candidate[3].split()) <= self.max_words:
                 chosen.append(candidate)
                 words += len(candidate[3].split())
