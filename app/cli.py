@@ -453,12 +453,15 @@ def search(
     ] = None,
     mode: ModeOpt = None,
     rerank: RerankOpt = None,
+    group: Annotated[
+        str | None, typer.Option(help="passage: the best passages (several per document); document: one per document.")
+    ] = None,
     as_json: JsonOpt = False,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
-    """Show the chunks that best match a query (one per document, its best)."""
+    """Show the passages that best match a query (or, with --group document, the best documents)."""
     body = {"query": query, "k": k, "collection": collection, "filters": _parse_filters(filter_ or []),
-            "mode": mode, "rerank": rerank}
+            "mode": mode, "rerank": rerank, "group": group}
     with _client(url) as client:
         result = _call(client, "POST", "/v1/search", json=body)
     if as_json:
@@ -468,8 +471,17 @@ def search(
         typer.echo("no results")
     for i, hit in enumerate(result["results"], start=1):
         snippet = " ".join(hit["text"].split())[:240]
-        typer.secho(f"{i}. {hit['score']:.3f}  {hit['title'] or hit['external_id']}  ({hit['external_id']})", bold=True)
+        typer.secho(f"{i}. {hit['score']:.3f}  {_where(hit)}  ({hit['external_id']})", bold=True)
         typer.echo(f"   {snippet}")
+
+
+def _where(hit: dict[str, Any]) -> str:
+    """A result's place: its heading path (or title), and its pages."""
+    where = " > ".join(hit.get("heading_path") or []) or hit.get("title") or hit["external_id"]
+    first, last = hit.get("page_start"), hit.get("page_end")
+    if first is not None:
+        where += f", p. {first}" if last in (None, first) else f", pp. {first}-{last}"
+    return str(where)
 
 
 def _print_answer(result: dict[str, Any]) -> None:
@@ -480,7 +492,7 @@ def _print_answer(result: dict[str, Any]) -> None:
 def _print_citations(citations: list[dict[str, Any]]) -> None:
     for c in citations:
         typer.echo(
-            f"  [{c['n']}] {c['title'] or c['external_id']}  ({c['external_id']}, chunk {c['chunk_id']}, "
+            f"  [{c['n']}] {_where(c)}  ({c['external_id']}, chunk {c['chunk_id']}, "
             f"score {c['score']:.3f})"
         )
 

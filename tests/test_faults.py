@@ -25,6 +25,7 @@ from sqlalchemy import Engine, create_engine, text
 from app.config import Settings
 from app.embedding import EmbedderPool
 from app.ingest.chunk import Chunker
+from app.ingest.pipeline import chunker_for
 from app.main import create_app
 from tests.fixtures.helpers import as_admin, wait_for_job
 from tests.fixtures.services import OwnPostgres, OwnRedis, WorkerProcess, migrate, settings_of
@@ -96,8 +97,7 @@ def census(engine: Engine, collection: str) -> Census:
 @pytest.fixture(scope="module")
 def chunker(settings: Settings) -> Chunker:
     """The chunker the worker uses, to know independently how many chunks each text must give."""
-    embedder = EmbedderPool(settings).configured
-    return Chunker(embedder.tokenizer, embedder.chunk_max_tokens, settings.chunk_overlap_tokens)
+    return chunker_for(EmbedderPool(settings).configured)
 
 
 def assert_complete(engine: Engine, collection: str, rows: list[dict[str, str]], chunker: Chunker,
@@ -106,10 +106,10 @@ def assert_complete(engine: Engine, collection: str, rows: list[dict[str, str]],
 
     The expected number of chunks is the chunker's, run here on each indexed document's stored text."""
     with engine.connect() as conn:
-        contents = conn.execute(text(
-            "SELECT d.content FROM documents d JOIN collections c ON c.id = d.collection_id "
-            "WHERE c.name = :n AND d.status = 'indexed'"), {"n": collection}).scalars().all()
-    expected_chunks = sum(len(chunker.split(content)) for content in contents)
+        stored = conn.execute(text(
+            "SELECT d.content, d.format, d.title FROM documents d JOIN collections c ON c.id = d.collection_id "
+            "WHERE c.name = :n AND d.status = 'indexed'"), {"n": collection}).all()
+    expected_chunks = sum(len(chunker.split(r.content, kind=r.format, title=r.title)) for r in stored)
     c = census(engine, collection)
     assert c.documents == len(rows) + failed, c
     assert c.indexed == len(rows), c

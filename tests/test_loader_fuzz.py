@@ -54,10 +54,12 @@ def _load_or_refuse(name: str, data: bytes) -> list[LoadedDocument]:
         assert content.strip()
         assert "\x00" not in content
         json.dumps({"t": content, "m": doc.metadata})  # storable as text and JSONB
-        for chunk in chunker.split(content):
+        for chunk in chunker.split(content, kind=doc.format, title=doc.title):
             assert 0 <= chunk.char_start < chunk.char_end <= len(content)
             assert content[chunk.char_start : chunk.char_end] == chunk.text
             assert 0 < chunk.token_count <= chunker.max_tokens
+            for start, end in chunk.sentences:
+                assert 0 <= start < end <= len(chunk.text)
     return docs
 
 
