@@ -27,6 +27,7 @@ from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import chunker_key
 from app.ingest import store
 from app.ingest.chunk import ChunkSpan
+from app.ingest.embed import Embedded
 from app.ingest.load import LoadedDocument
 from app.reindex import spaces
 
@@ -81,7 +82,8 @@ def corpus(client: TestClient, settings: Settings) -> Iterator[Corpus]:
                 vec = vectors[number[doc.content]]  # the same vector for the same document on every run
                 chunk = ChunkSpan(0, doc.content, 8, 0, len(doc.content))
                 assert store.write_document(
-                    session, doc, [store.ChunkSet(chunker_key(space_params), [chunk], {mid: vec[np.newaxis, :]})]
+                    session, doc, [store.ChunkSet(chunker_key(space_params), [chunk],
+                                             {mid: Embedded(vec[np.newaxis, :], np.zeros((0, dim), np.float32))})]
                 )
 
     with ThreadPoolExecutor(WRITERS) as pool:
@@ -209,7 +211,7 @@ class _WatchSQL:
 
     def search_statement(self) -> tuple[str, Any]:
         """The nearest-neighbour query itself, with its parameters."""
-        found = [(s, p) for s, p in self.statements if "WITH nearest AS" in s]
+        found = [(s, p) for s, p in self.statements if "ORDER BY (cv.embedding" in s]
         assert len(found) == 1, self.statements
         return found[0]
 

@@ -74,6 +74,8 @@ class SearchResult:
     space: EmbeddingModel
     retrieval: Retrieval
     group: Group = "document"
+    # The IDF of each query term among the passages (passage search), for the answer's sentence scores.
+    idf: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,44 +151,35 @@ class QueryPipeline:
         every candidate chunk gets both signals exactly, plus its document's (single vector, BM25) as a prior."""
         pool = max(opts.candidates, req.k)
         chunker = chunker_key(space.params or {})
+        q = retrieve.vector_literal(qvec)
+        hybrid = opts.mode == "hybrid"
         dense: dict[int, tuple[uuid.UUID, float]] = {}
-        lexical: dict[int, tuple[uuid.UUID, float]] = {}
         if opts.mode in ("dense", "hybrid"):
-            hits = retrieve.dense_chunks(
-                session, space, qvec, cid, min(pool, 1000),
+            dense = retrieve.nearest_chunks(
+                session, space, q, cid, min(pool, 1000),
                 filters=req.filters, ef_search=opts.ef_search, max_scan_tuples=self.settings.hnsw_max_scan_tuples,
             )
-            dense = {h.chunk_id: (h.document_id, h.score) for h in hits}
+        lexical = retrieve.LexicalPassages()
         if opts.mode in ("lexical", "hybrid"):
-            lexical = retrieve.lexical_chunks(
-                session, req.query, cid, chunker, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters
+            # The dense hits get their exact BM25 in the same statement (0 when no query term occurs in them).
+            lexical = retrieve.lexical_passages(
+                session, req.query, cid, chunker, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters,
+                include=list(dense) if hybrid else None, documents=hybrid and opts.passage_document_weight > 0,
             )
-        # Fill in each candidate's missing signal exactly: the cosine of lexical hits (every mode shows it),
-        # the BM25 of dense hits (0 when no query term occurs in them).
-        dense.update(retrieve.chunk_similarities(session, space, qvec, [c for c in lexical if c not in dense]))
-        if opts.mode == "hybrid":
-            missing = [c for c in dense if c not in lexical]
-            if missing:
-                lexical.update(retrieve.lexical_chunks(
-                    session, req.query, cid, chunker, len(missing), k1=opts.bm25_k1, b=opts.bm25_b, within=missing
-                ))
+        # Every candidate's dense signals, exactly: its cosine (lexical hits' too: every mode shows it), its
+        # best sentence's and its document's.
+        signals = retrieve.passage_signals(
+            session, space, q, list({**dense, **lexical.chunks}),
+            sentences=hybrid and opts.passage_sentence_weight > 0,
+            documents=hybrid and opts.passage_document_weight > 0,
+        )
         candidates = [
-            PassageCandidate(chunk, doc, sim, lexical.get(chunk, (doc, 0.0))[1])
-            for chunk, (doc, sim) in dense.items()
+            PassageCandidate(chunk, sig.document_id, sig.similarity,
+                             lexical.chunks.get(chunk, (sig.document_id, 0.0))[1],
+                             document_sim=sig.document, document_lexical=lexical.documents.get(sig.document_id, 0.0),
+                             sentence_sim=sig.sentence)
+            for chunk, sig in signals.items()
         ]
-        if opts.mode == "hybrid" and opts.passage_document_weight > 0 and candidates:
-            documents = list({c.document_id: None for c in candidates})
-            doc_sims = retrieve.document_similarities(session, space, qvec, documents)
-            doc_lexical = dict(retrieve.lexical_documents(
-                session, req.query, cid, len(documents), k1=opts.bm25_k1, b=opts.bm25_b, within=documents
-            ))
-            for c in candidates:
-                c.document_sim = doc_sims.get(c.document_id)
-                c.document_lexical = doc_lexical.get(c.document_id, 0.0)
-        if opts.mode == "hybrid" and opts.passage_sentence_weight > 0 and candidates:
-            best = retrieve.best_sentences(session, space, qvec, [c.chunk_id for c in candidates])
-            for c in candidates:
-                c.sentence_sim = best.get(c.chunk_id)
         ranked = fuse_passages(candidates, mode=opts.mode, dense_weight=opts.passage_dense_weight,
                                document_weight=opts.passage_document_weight,
                                sentence_weight=opts.passage_sentence_weight)
@@ -198,7 +191,7 @@ class QueryPipeline:
         for h in hits:
             h.rerank_score = by_chunk[h.chunk_id].rerank_score
             h.sentence_similarity = by_chunk[h.chunk_id].sentence_sim
-        return SearchResult(hits, qvec, space, opts, "passage")
+        return SearchResult(hits, qvec, space, opts, "passage", lexical.idf)
 
     def _cross_encode_passages(
         self, session: Session, query: str, ranked: list[PassageCandidate], opts: Retrieval
@@ -329,6 +322,6 @@ class QueryPipeline:
         self, session: Session, req: SearchRequest, result: SearchResult, relevant: list[retrieve.Hit]
     ) -> Answer:
         """The extractive answer from the passages' sentence vectors (made at ingest) and term overlap."""
-        sentences = retrieve.sentence_scores(session, result.space, result.query_vector, req.query,
-                                             [h.chunk_id for h in relevant])
+        sentences = retrieve.sentence_scores(session, result.space, retrieve.vector_literal(result.query_vector),
+                                             result.idf, [h.chunk_id for h in relevant])
         return self.extractive.answer(relevant, sentences)

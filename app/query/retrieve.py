@@ -65,6 +65,51 @@ def _filter_sql(filters: dict[str, Any] | None, params: dict[str, Any]) -> str:
     return "".join(f" AND {c}" for c in clauses)
 
 
+def _hnsw_settings(session: Session, ef_search: int, k: int, max_scan_tuples: int) -> None:
+    session.execute(
+        text(
+            "SELECT set_config('hnsw.ef_search', :ef, true), "
+            "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+            "set_config('hnsw.max_scan_tuples', :mst, true)"
+        ),
+        {"ef": str(max(ef_search, k)), "mst": str(max_scan_tuples)},
+    )
+
+
+def nearest_chunks(
+    session: Session,
+    space: EmbeddingModel,
+    query: str,
+    collection_id: int,
+    k: int,
+    *,
+    filters: dict[str, Any] | None,
+    ef_search: int,
+    max_scan_tuples: int,
+) -> dict[int, tuple[uuid.UUID, float]]:
+    """The k chunks nearest to the query (a vector literal) through the space's HNSW index: id -> (document, cosine).
+
+    Ids and scores only: the passage ranking reads the texts of the few it returns.
+    """
+    dim, mid = int(space.dimension), int(space.id)
+    _hnsw_settings(session, ef_search, k, max_scan_tuples)
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "k": k}
+    where = _filter_sql(filters, params)
+    join = " JOIN documents d ON d.id = cv.document_id" if where else ""
+    rows = session.execute(
+        text(f"""
+        SELECT cv.chunk_id, cv.document_id,
+               1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
+          FROM chunk_vectors cv{join}
+         WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
+         ORDER BY (cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
+         LIMIT :k
+        """),
+        params,
+    ).all()
+    return {int(r.chunk_id): (r.document_id, float(r.sim)) for r in rows}
+
+
 def dense_chunks(
     session: Session,
     space: EmbeddingModel,
@@ -82,14 +127,7 @@ def dense_chunks(
     scans keep going until k rows pass, so filtered queries still return k rows when they exist.
     """
     dim, mid = int(space.dimension), int(space.id)
-    session.execute(
-        text(
-            "SELECT set_config('hnsw.ef_search', :ef, true), "
-            "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-            "set_config('hnsw.max_scan_tuples', :mst, true)"
-        ),
-        {"ef": str(max(ef_search, k)), "mst": str(max_scan_tuples)},
-    )
+    _hnsw_settings(session, ef_search, k, max_scan_tuples)
     params: dict[str, Any] = {"q": vector_literal(query), "cid": collection_id, "k": k}
     where = _filter_sql(filters, params)
     # model id and dimension are integers from our own registry: inlined so the planner can match
@@ -179,7 +217,16 @@ def lexical_documents(
     return [(r.document_id, float(r.score)) for r in rows]
 
 
-def lexical_chunks(
+@dataclass
+class LexicalPassages:
+    """BM25 of passages (the top n and any asked for), of their documents, and the IDF of each query term."""
+
+    chunks: dict[int, tuple[uuid.UUID, float]] = field(default_factory=dict)
+    documents: dict[uuid.UUID, float] = field(default_factory=dict)
+    idf: dict[str, float] = field(default_factory=dict)
+
+
+def lexical_passages(
     session: Session,
     query: str,
     collection_id: int,
@@ -189,20 +236,36 @@ def lexical_chunks(
     k1: float,
     b: float,
     filters: dict[str, Any] | None = None,
-    within: list[int] | None = None,
-) -> dict[int, tuple[uuid.UUID, float]]:
-    """The n best passages of one chunk set by BM25 over their heading path and text: chunk id -> (document, score).
+    include: list[int] | None = None,
+    documents: bool = True,
+) -> LexicalPassages:
+    """One statement: the n best passages of the chunk set by BM25 over their heading path and text, the BM25
+    of the `include` chunks too (0 for those without a query term), and, with `documents`, the document-level
+    BM25 of every document among them.
 
-    `within` scores only those chunks. Statistics (passage count, average length, document frequency)
-    are the chunk set's own, live.
+    Statistics (passage count, average length, document frequency) are the chunk set's own, live; the
+    documents' come from lexical_postings, as in document ranking.
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b,
+                              "inc": include or []}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
-    only = ""
-    if within is not None:
-        params["ids"] = within
-        only = " AND p.chunk_id = ANY(:ids)"
+    document_scores = """
+        , dq AS (
+            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
+              FROM documents WHERE collection_id = :cid AND lexical_length > 0
+        ), didf AS (
+            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+              FROM q CROSS JOIN dq s
+              JOIN lexical_postings p ON p.collection_id = :cid AND p.term = q.term
+             GROUP BY q.term, s.n
+        ), docs AS (
+            SELECT p.document_id,
+                   sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.doc_length / s.avgdl))) AS score
+              FROM lexical_postings p JOIN didf i ON i.term = p.term CROSS JOIN dq s
+             WHERE p.collection_id = :cid AND p.document_id IN (SELECT document_id FROM picked)
+             GROUP BY p.document_id
+        )""" if documents else ", docs AS (SELECT NULL::uuid AS document_id, NULL::float8 AS score WHERE false)"
     rows = session.execute(
         text(f"""
         WITH q AS (
@@ -211,9 +274,9 @@ def lexical_chunks(
             SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
               FROM chunks WHERE collection_id = :cid AND chunker = :ck AND lexical_length > 0
         ), idf AS (
-            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+            SELECT q.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
               FROM q CROSS JOIN stats s
-              JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = q.term
+              LEFT JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = q.term
              GROUP BY q.term, s.n
         ), scored AS (
             SELECT p.chunk_id,
@@ -221,55 +284,74 @@ def lexical_chunks(
               FROM chunk_postings p
               JOIN idf i ON i.term = p.term
              CROSS JOIN stats s
-             WHERE p.collection_id = :cid AND p.chunker = :ck{only}
+             WHERE p.collection_id = :cid AND p.chunker = :ck
              GROUP BY p.chunk_id
-        )
-        SELECT sc.chunk_id, c.document_id, sc.score
-          FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
-         WHERE true{where}
-         ORDER BY sc.score DESC, sc.chunk_id
-         LIMIT :n
+        ), top AS (
+            SELECT sc.chunk_id, c.document_id, sc.score
+              FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
+             WHERE true{where}
+             ORDER BY sc.score DESC, sc.chunk_id
+             LIMIT :n
+        ), picked AS (
+            SELECT chunk_id, document_id, score FROM top
+            UNION
+            SELECT c.id, c.document_id, coalesce(sc.score, 0)
+              FROM chunks c LEFT JOIN scored sc ON sc.chunk_id = c.id
+             WHERE c.id = ANY(CAST(:inc AS bigint[]))
+        ){document_scores}
+        SELECT 'c' AS kind, p.chunk_id, p.document_id, p.score, NULL AS term FROM picked p
+        UNION ALL
+        SELECT 'd', NULL, document_id, score, NULL FROM docs
+        UNION ALL
+        SELECT 'i', NULL, NULL, idf, term FROM idf
         """),
         params,
     ).all()
-    return {int(r.chunk_id): (r.document_id, float(r.score)) for r in rows}
+    out = LexicalPassages()
+    for r in rows:
+        if r.kind == "c":
+            out.chunks[int(r.chunk_id)] = (r.document_id, float(r.score))
+        elif r.kind == "d":
+            out.documents[r.document_id] = float(r.score)
+        else:
+            out.idf[str(r.term)] = float(r.score)
+    return out
 
 
-def chunk_similarities(
-    session: Session, space: EmbeddingModel, query: np.ndarray, chunks: list[int]
-) -> dict[int, tuple[uuid.UUID, float]]:
-    """Exact cosine similarity of the query to each of these chunks in this space: chunk id -> (document, cosine)."""
+@dataclass(frozen=True)
+class DenseSignalsOfChunk:
+    document_id: uuid.UUID
+    similarity: float  # the chunk's cosine
+    sentence: float | None  # its best sentence's cosine (None: no quotable sentence)
+    document: float | None  # its document's single vector's cosine
+
+
+def passage_signals(
+    session: Session, space: EmbeddingModel, query: str, chunks: list[int], *, sentences: bool, documents: bool
+) -> dict[int, DenseSignalsOfChunk]:
+    """One statement: each chunk's exact cosine to the query (a vector literal), its best sentence's, and its
+    document vector's, in this space."""
     if not chunks:
         return {}
     dim, mid = int(space.dimension), int(space.id)
+    best = (f"""(SELECT max(1 - ((sv.embedding::vector({dim})) <=> q.v)) FROM sentence_vectors sv
+                   WHERE sv.chunk_id = cv.chunk_id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
+    whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> q.v) FROM document_vectors dv
+                   WHERE dv.document_id = cv.document_id AND dv.model_id = {mid})""" if documents else "NULL::float8")
     rows = session.execute(
         text(f"""
-        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
-          FROM chunk_vectors cv
+        WITH q AS (SELECT CAST(:q AS vector({dim})) AS v)
+        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> q.v) AS sim,
+               {best} AS sentence, {whole} AS document
+          FROM chunk_vectors cv CROSS JOIN q
          WHERE cv.model_id = {mid} AND cv.chunk_id = ANY(:ids)
         """),
-        {"q": vector_literal(query), "ids": chunks},
+        {"q": query, "ids": chunks},
     ).all()
-    return {int(r.chunk_id): (r.document_id, float(r.sim)) for r in rows}
-
-
-def best_sentences(
-    session: Session, space: EmbeddingModel, query: np.ndarray, chunks: list[int]
-) -> dict[int, float]:
-    """Each chunk's best sentence: the highest cosine similarity of the query to one of its sentences."""
-    if not chunks:
-        return {}
-    dim, mid = int(space.dimension), int(space.id)
-    rows = session.execute(
-        text(f"""
-        SELECT sv.chunk_id, max(1 - ((sv.embedding::vector({dim})) <=> CAST(:q AS vector({dim})))) AS sim
-          FROM sentence_vectors sv
-         WHERE sv.model_id = {mid} AND sv.chunk_id = ANY(:ids)
-         GROUP BY sv.chunk_id
-        """),
-        {"q": vector_literal(query), "ids": chunks},
-    ).all()
-    return {int(r.chunk_id): float(r.sim) for r in rows}
+    return {int(r.chunk_id): DenseSignalsOfChunk(r.document_id, float(r.sim),
+                                                 None if r.sentence is None else float(r.sentence),
+                                                 None if r.document is None else float(r.document))
+            for r in rows}
 
 
 @dataclass(frozen=True)
@@ -285,62 +367,31 @@ class SentenceScore:
 
 
 def sentence_scores(
-    session: Session, space: EmbeddingModel, query: np.ndarray, query_text: str, chunks: list[int]
+    session: Session, space: EmbeddingModel, query: str, idf: dict[str, float], chunks: list[int]
 ) -> list[SentenceScore]:
-    """Every quotable sentence of these chunks, with its cosine similarity and its term overlap with the question.
-
-    The IDF is the passages' own (the chunk set of the first chunk's collection), so rare terms count most.
-    """
+    """Every quotable sentence of these chunks, with its cosine to the query (a vector literal) and the summed
+    IDF of the question's terms it holds (the IDF the passage ranking computed)."""
     if not chunks:
         return []
     dim, mid = int(space.dimension), int(space.id)
+    terms = list(idf)
     rows = session.execute(
         text(f"""
-        WITH cs AS (
-            SELECT collection_id, chunker FROM chunks WHERE id = (CAST(:ids AS bigint[]))[1]
-        ), q AS (
-            SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :qt))
-        ), stats AS (
-            SELECT count(*)::float8 AS n FROM chunks c JOIN cs ON c.collection_id = cs.collection_id
-               AND c.chunker = cs.chunker
-        ), idf AS (
-            SELECT q.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
-              FROM q CROSS JOIN stats s CROSS JOIN cs
-              LEFT JOIN chunk_postings p ON p.collection_id = cs.collection_id AND p.chunker = cs.chunker
-                                        AND p.term = q.term
-             GROUP BY q.term, s.n
-        )
+        WITH q AS (SELECT CAST(:q AS vector({dim})) AS v),
+             idf AS (SELECT * FROM unnest(CAST(:terms AS text[]), CAST(:idfs AS float8[])) AS t(term, idf))
         SELECT sv.chunk_id, sv.ordinal, sv.char_start, sv.char_end,
-               1 - ((sv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim,
+               1 - ((sv.embedding::vector({dim})) <=> q.v) AS sim,
                coalesce((SELECT sum(i.idf) FROM idf i
                           WHERE i.term = ANY(tsvector_to_array(to_tsvector('{TEXT_SEARCH_CONFIG}',
                                 substr(c.text, sv.char_start + 1, sv.char_end - sv.char_start))))), 0) AS overlap
-          FROM sentence_vectors sv JOIN chunks c ON c.id = sv.chunk_id
+          FROM sentence_vectors sv JOIN chunks c ON c.id = sv.chunk_id CROSS JOIN q
          WHERE sv.model_id = {mid} AND sv.chunk_id = ANY(:ids)
          ORDER BY sv.chunk_id, sv.ordinal
         """),
-        {"q": vector_literal(query), "qt": query_text, "ids": chunks},
+        {"q": query, "terms": terms, "idfs": [idf[t] for t in terms], "ids": chunks},
     ).all()
     return [SentenceScore(int(r.chunk_id), int(r.ordinal), int(r.char_start), int(r.char_end), float(r.sim),
                           float(r.overlap)) for r in rows]
-
-
-def document_similarities(
-    session: Session, space: EmbeddingModel, query: np.ndarray, documents: list[uuid.UUID]
-) -> dict[uuid.UUID, float]:
-    """Exact cosine similarity of the query to the single vector of each document in this space."""
-    if not documents:
-        return {}
-    dim, mid = int(space.dimension), int(space.id)
-    rows = session.execute(
-        text(f"""
-        SELECT dv.document_id, 1 - ((dv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
-          FROM document_vectors dv
-         WHERE dv.model_id = {mid} AND dv.document_id = ANY(:ids)
-        """),
-        {"q": vector_literal(query), "ids": documents},
-    ).all()
-    return {r.document_id: float(r.sim) for r in rows}
 
 
 # --- dense signals of candidate documents ---------------------------------------------------------
