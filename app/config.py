@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # The extractive answer quotes at most this many sentences, and a second one only while the answer
     # stays within answer_max_words words.
     answer_max_sentences: int = Field(default=2, ge=1, le=20)
-    answer_max_words: int = Field(default=45, ge=5, le=1000)
+    answer_max_words: int = Field(default=60, ge=5, le=1000)
 
     # Optional OpenAI-compatible LLM for generated answers.
     llm_base_url: str | None = None

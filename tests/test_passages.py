@@ -111,7 +111,7 @@ def test_answer_quotes_the_answering_sentence_with_its_section(client: TestClien
     body = r.json()
     assert body["mode"] == "extractive"
     assert "twenty-five and thirty seconds" in body["answer"]
-    assert len(body["answer"].split()) <= 45
+    assert len(body["answer"].split()) <= 60
     cited = body["citations"][0]
     assert cited["heading_path"] == ["Espresso machine manual", "Brewing"]
     assert cited["quote"]
