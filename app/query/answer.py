@@ -218,16 +218,17 @@ class LLMAnswerer:
             {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}"},
         ]
 
+    def _complete(self, question: str, hits: Sequence[Hit], **extra: Any) -> Any:
+        return self.client.chat.completions.create(
+            model=self.model, messages=self.prompt(question, hits), max_tokens=self.max_tokens, temperature=0.0,
+            **extra,
+        )
+
     def answer(self, question: str, hits: Sequence[Hit]) -> Answer:
         import openai
 
         try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=self.prompt(question, hits),
-                max_tokens=self.max_tokens,
-                temperature=0.0,
-            )
+            response = self._complete(question, hits)
         except openai.OpenAIError as exc:
             raise UpstreamError(f"the language model did not answer: {exc}") from None
         content = (response.choices[0].message.content or "").strip() if response.choices else ""
@@ -251,13 +252,7 @@ class LLMAnswerer:
         pieces: list[str] = []
         response: Any = None
         try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=self.prompt(question, hits),
-                max_tokens=self.max_tokens,
-                temperature=0.0,
-                stream=True,
-            )
+            response = self._complete(question, hits, stream=True)
             for chunk in response:
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 piece = markers.feed(delta or "")

@@ -165,6 +165,14 @@ def dense_chunks(
 
 # Postgres's English analyser (stop-words, Snowball stems): the same one the store indexes with.
 TEXT_SEARCH_CONFIG = "pg_catalog.english"
+# The collection's document count and average length in terms (documents not yet indexed have length 0).
+_DOCUMENT_STATS = ("SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl "
+                   "FROM documents WHERE collection_id = :cid AND lexical_length > 0")
+
+
+def _bm25(length: str) -> str:
+    """BM25's sum over matched terms, for postings p (tf, length column), term IDFs i and statistics s."""
+    return f"sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.{length} / s.avgdl)))"
 
 
 def lexical_documents(
@@ -194,8 +202,7 @@ def lexical_documents(
         WITH q AS (
             SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
         ), stats AS (
-            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
-              FROM documents WHERE collection_id = :cid AND lexical_length > 0
+            {_DOCUMENT_STATS}
         ), idf AS (
             SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
               FROM q CROSS JOIN stats s
@@ -203,7 +210,7 @@ def lexical_documents(
              GROUP BY q.term, s.n
         )
         SELECT p.document_id,
-               sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.doc_length / s.avgdl))) AS score
+               {_bm25('doc_length')} AS score
           FROM lexical_postings p
           JOIN idf i ON i.term = p.term
          CROSS JOIN stats s{join}
@@ -250,10 +257,9 @@ def lexical_passages(
                               "inc": include or []}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
-    document_scores = """
+    document_scores = f"""
         , dq AS (
-            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
-              FROM documents WHERE collection_id = :cid AND lexical_length > 0
+            {_DOCUMENT_STATS}
         ), didf AS (
             SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
               FROM q CROSS JOIN dq s
@@ -261,7 +267,7 @@ def lexical_passages(
              GROUP BY q.term, s.n
         ), docs AS (
             SELECT p.document_id,
-                   sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.doc_length / s.avgdl))) AS score
+                   {_bm25('doc_length')} AS score
               FROM lexical_postings p JOIN didf i ON i.term = p.term CROSS JOIN dq s
              WHERE p.collection_id = :cid AND p.document_id IN (SELECT document_id FROM picked)
              GROUP BY p.document_id
@@ -280,7 +286,7 @@ def lexical_passages(
              GROUP BY q.term, s.n
         ), scored AS (
             SELECT p.chunk_id,
-                   sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl))) AS score
+                   {_bm25('chunk_length')} AS score
               FROM chunk_postings p
               JOIN idf i ON i.term = p.term
              CROSS JOIN stats s
