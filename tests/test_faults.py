@@ -298,6 +298,8 @@ def test_postgres_stopped_gives_503_and_the_api_recovers_by_itself(
 # ---------------------------------------------------------------- 4. a poison document
 
 
+# Three hard-time-limit kills plus a worker restart each: on a busy 2-core machine this outlasts the default.
+@pytest.mark.timeout(1500)
 def test_poison_document_fails_alone_after_bounded_attempts(
     service_env: dict[str, str], engine: Engine, chunker: Chunker, tmp_path: Path
 ) -> None:

@@ -166,7 +166,7 @@ def latest_job(engine: Engine) -> dict[str, Any] | None:
 
 
 def wait_job(
-    engine: Engine, until: Callable[[dict[str, Any]], bool], what: str, timeout: float = 240
+    engine: Engine, until: Callable[[dict[str, Any]], bool], what: str, timeout: float = 900
 ) -> dict[str, Any]:
     """Poll the latest re-index job until the condition holds."""
     deadline = time.monotonic() + timeout
