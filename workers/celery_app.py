@@ -19,6 +19,10 @@ def make_celery(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
         "worker_hijack_root_logger": False,
+        # A pool process loads the embedding model in worker_process_init before it reports up; Celery's
+        # default 4 s wait for that report killed every replacement process (after a crash or a time
+        # limit) on a busy machine, so the pool never recovered.
+        "worker_proc_alive_timeout": 300.0,
         # A batch that runs past this is stopped and its process replaced; its documents are sent again
         # when their claim goes stale, and one that keeps hitting the limit fails alone.
         "task_annotations": {"ingest.process_documents": {"time_limit": settings.ingest_task_time_limit}},
