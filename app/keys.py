@@ -128,14 +128,19 @@ def revoke(session: Session, ident: str) -> dict[str, Any]:
     return dict(row)
 
 
-def authenticate(session: Session, key: str) -> Principal | None:
-    """The principal of a valid, unrevoked key; None for anything else."""
+def authenticate(session: Session, key: str) -> tuple[Principal, bool] | None:
+    """The principal of a valid, unrevoked key, and whether its last use is worth recording (older than a
+    minute); None for anything else. Reads only, so it can share the request's transaction."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     prefix = key[len(KEY_PREFIX) :].split("_", 1)[0]
     row = (
         session.execute(
-            text("SELECT id, key_hash, name, role, collections, revoked_at FROM api_keys WHERE prefix = :p"),
+            text(
+                "SELECT id, key_hash, name, role, collections, revoked_at, "
+                "last_used_at IS NULL OR last_used_at < now() - interval '1 minute' AS stale "
+                "FROM api_keys WHERE prefix = :p"
+            ),
             {"p": prefix},
         )
         .mappings()
@@ -143,15 +148,18 @@ def authenticate(session: Session, key: str) -> Principal | None:
     )
     if row is None or row["revoked_at"] is not None or not hmac.compare_digest(row["key_hash"], _hash(key)):
         return None
-    # Last use, to the minute: one write per key per minute at most.
+    return Principal(row["id"], row["name"], row["role"], tuple(row["collections"])), bool(row["stale"])
+
+
+def touch(session: Session, key_id: uuid.UUID) -> None:
+    """Record a key's last use, to the minute: one write per key per minute at most."""
     session.execute(
         text(
             "UPDATE api_keys SET last_used_at = now() WHERE id = :id "
             "AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')"
         ),
-        {"id": row["id"]},
+        {"id": key_id},
     )
-    return Principal(row["id"], row["name"], row["role"], tuple(row["collections"]))
 
 
 def active_admins(session: Session) -> int:

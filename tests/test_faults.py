@@ -30,6 +30,9 @@ from app.main import create_app
 from tests.fixtures.helpers import as_admin, wait_for_job
 from tests.fixtures.services import OwnPostgres, OwnRedis, WorkerProcess, migrate, settings_of
 
+# Real processes killed and restarted (about 5 minutes): kept behind the slow marker, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
 
 

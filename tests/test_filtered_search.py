@@ -153,7 +153,7 @@ def test_filtered_results_are_the_true_nearest_neighbours(client: TestClient, co
             SELECT cv.chunk_id FROM chunk_vectors cv JOIN documents d ON d.id = cv.document_id
              WHERE cv.collection_id = :c AND cv.model_id = :m AND d.metadata @> '{{"group": 3}}'
              ORDER BY cv.embedding::vector({corpus.dimension}) <=> CAST(:q AS vector({corpus.dimension}))
-             LIMIT :k"""), {"c": corpus.collection_id, "m": corpus.space_id, "q": params["q"], "k": k},
+             LIMIT :k"""), {"c": corpus.collection_id, "m": corpus.space_id, "q": params["v"], "k": k},
         ).scalars().all()
     assert len(exact) == k
     # HNSW is approximate (and random vectors in 384 dimensions are its hardest case): most, not

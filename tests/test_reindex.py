@@ -41,6 +41,9 @@ from app.reindex.switch import retire_expired, switch
 from tests.fixtures.helpers import as_admin, upload, wait_for_job
 from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database, settings_of
 
+# Whole re-indexes with real workers (about 9 minutes): kept behind the slow marker, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 CORPUS = Path(__file__).parent / "data" / "corpus"
 SCIFACT = Path(__file__).parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl"
 SCIFACT_DOCS = 300

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import keys
-from app.api.deps import ResourcesDep
+from app.api.deps import ResourcesDep, SessionDep
 from app.api.ratelimit import retry_after
 from app.db.session import session_scope
 from app.errors import Forbidden, RateLimited, Unauthorized
@@ -24,15 +24,24 @@ bearer = HTTPBearer(
 def authenticate(
     request: Request,
     resources: ResourcesDep,
+    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    """The caller's key, checked against the database on every request (revocation is immediate)."""
+    """The caller's key, checked against the database on every request (revocation is immediate).
+
+    The check reads in the request's own session (one connection, one transaction for the key and the
+    work); the rare last-use write goes in a short transaction of its own, so requests never queue on
+    the key's row.
+    """
     if credentials is None or not credentials.credentials:
         raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` (see `pgsage keys create`)")
-    with session_scope(resources.factory) as session:
-        principal = keys.authenticate(session, credentials.credentials)
-    if principal is None:
+    found = keys.authenticate(session, credentials.credentials)
+    if found is None:
         raise Unauthorized("the API key is not valid, or has been revoked")
+    principal, stale = found
+    if stale:
+        with session_scope(resources.factory) as own:
+            keys.touch(own, principal.key_id)
     wait = resources.limiter.wait_seconds(str(principal.key_id))
     if wait > 0:
         per_minute = resources.settings.rate_limit_per_minute

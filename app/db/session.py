@@ -32,7 +32,31 @@ def make_engine(settings: Settings, *, pool_size: int = 10) -> Engine:
         connect_args={"connect_timeout": 5},
     )
     event.listen(engine, "connect", _register_vector)
+    event.listen(engine, "connect", _hnsw_defaults(settings))
     return engine
+
+
+# Key of the HNSW settings a connection was opened with, in its pool record's info.
+HNSW_DEFAULTS = "pgsage_hnsw_defaults"
+
+
+def _hnsw_defaults(settings: Settings) -> Any:
+    """Each connection starts with the configured HNSW search settings, so a query sets them only when it
+    asks for others (one round trip less per search)."""
+    ef, mst = settings.hnsw_ef_search, settings.hnsw_max_scan_tuples
+
+    def apply(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute(
+                "SELECT set_config('hnsw.ef_search', %s, false), set_config('hnsw.iterative_scan', "
+                "'relaxed_order', false), set_config('hnsw.max_scan_tuples', %s, false)",
+                (str(ef), str(mst)),
+            )
+        dbapi_connection.commit()
+        # Read by app.query.retrieve through Connection.info, which is this record's.
+        record.info[HNSW_DEFAULTS] = (ef, mst)
+
+    return apply
 
 
 def _register_vector(dbapi_connection: Any, _: Any) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -12,13 +13,11 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.embedding import EmbedderPool, chunker_key
 from app.errors import Unavailable
-from app.ingest.store import collection_id
 from app.models import EmbeddingModel
 from app.query import retrieve
 from app.query.answer import NO_ANSWER, Answer, AnswerEvent, ExtractiveAnswerer, LLMAnswerer, answer_events
 from app.query.fuse import Candidate, Fusion, PassageCandidate, fuse, fuse_passages, rank_by
 from app.query.rerank import Passage, RerankerPool, rocchio
-from app.reindex import spaces
 
 Mode = Literal["hybrid", "dense", "lexical"]
 Group = Literal["passage", "document"]
@@ -107,6 +106,9 @@ class QueryPipeline:
         self.rerankers = rerankers or RerankerPool(settings.embedding_device)
         if self.defaults.rerank.startswith("cross-encoder:"):
             self.rerankers.get(self.defaults.rerank)  # load at start, not in the first request
+        # One thread embeds every query of this process: torch runs one forward pass at a time anyway (the
+        # embedder's lock), and a fixed thread keeps its OpenMP team warm.
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="query-encoder")
         self.extractive = ExtractiveAnswerer(settings.answer_max_sentences, settings.answer_max_words)
         self.llm = (
             LLMAnswerer(llm_client, settings.llm_model, settings.llm_max_tokens)
@@ -130,54 +132,52 @@ class QueryPipeline:
         comes wholly from one space even while a re-index switches spaces.
         """
         opts = self.options(req)
-        cid = collection_id(session, req.collection)
-        space = spaces.active(session)
-        if space is None:
-            raise Unavailable("no embedding model is active yet; the service is still starting")
+        # The query is embedded on the encoder thread while this one reads the space and runs the lexical
+        # leg in Postgres: torch and Postgres both release the GIL, so the two overlap. The configured
+        # model is the active space's except during a re-index's switch, checked below.
+        configured = self.embedders.configured
+        pending = self.encoder.submit(configured.encode, [req.query])
+        cid, space = retrieve.collection_and_space(session, req.collection)
         try:
             embedder = self.embedders.for_space(space)
         except ValueError as exc:
             raise Unavailable(f"the active embedding space cannot be queried here: {exc}", retry_after=60) from None
-        # The query vector ranks a document's chunks in every mode, so even a lexical hit shows its best part.
-        qvec = embedder.encode([req.query])[0]
+
+        def query_vector() -> Any:
+            """The query's vector in the active space (every mode needs it: a lexical hit shows its similarity)."""
+            vector = pending.result()[0]
+            return vector if embedder is configured else embedder.encode([req.query])[0]
+
         if (req.group or self.settings.search_group) == "passage":
-            return self._passages(session, req, opts, cid, space, qvec)
-        return self._documents(session, req, opts, cid, space, qvec)
+            return self._passages(session, req, opts, cid, space, query_vector)
+        return self._documents(session, req, opts, cid, space, query_vector)
 
     def _passages(
-        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel, qvec: Any
+        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel,
+        query_vector: Callable[[], Any],
     ) -> SearchResult:
         """Passage ranking: both legs score chunks (HNSW over chunk vectors, BM25 over chunk postings);
-        every candidate chunk gets both signals exactly, plus its document's (single vector, BM25) as a prior."""
+        every candidate chunk gets both signals exactly, plus its document's (single vector, BM25) as a prior.
+
+        Two statements: the lexical leg (while the query is embedded), then the dense leg with every signal."""
         pool = max(opts.candidates, req.k)
-        chunker = chunker_key(space.params or {})
-        q = retrieve.vector_literal(qvec)
         hybrid = opts.mode == "hybrid"
-        dense: dict[int, tuple[uuid.UUID, float]] = {}
-        if opts.mode in ("dense", "hybrid"):
-            dense = retrieve.nearest_chunks(
-                session, space, q, cid, min(pool, 1000),
-                filters=req.filters, ef_search=opts.ef_search, max_scan_tuples=self.settings.hnsw_max_scan_tuples,
-            )
-        lexical = retrieve.LexicalPassages()
-        if opts.mode in ("lexical", "hybrid"):
-            # The dense hits get their exact BM25 in the same statement (0 when no query term occurs in them).
-            lexical = retrieve.lexical_passages(
-                session, req.query, cid, chunker, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters,
-                include=list(dense) if hybrid else None, documents=hybrid and opts.passage_document_weight > 0,
-            )
-        # Every candidate's dense signals, exactly: its cosine (lexical hits' too: every mode shows it), its
-        # best sentence's and its document's.
+        chunker = chunker_key(space.params or {})
+        documents = hybrid and opts.passage_document_weight > 0
+        lexical = None
+        if opts.mode != "dense":
+            lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
+                                               b=opts.bm25_b, filters=req.filters, documents=documents)
+        qvec = query_vector()
         signals = retrieve.passage_signals(
-            session, space, q, list({**dense, **lexical.chunks}),
-            sentences=hybrid and opts.passage_sentence_weight > 0,
-            documents=hybrid and opts.passage_document_weight > 0,
+            session, space, qvec, cid, chunker, pool, lexical,
+            dense=opts.mode != "lexical", sentences=hybrid and opts.passage_sentence_weight > 0,
+            documents=documents, filters=req.filters, ef_search=opts.ef_search,
+            max_scan_tuples=self.settings.hnsw_max_scan_tuples, k1=opts.bm25_k1, b=opts.bm25_b,
         )
         candidates = [
-            PassageCandidate(chunk, sig.document_id, sig.similarity,
-                             lexical.chunks.get(chunk, (sig.document_id, 0.0))[1],
-                             document_sim=sig.document, document_lexical=lexical.documents.get(sig.document_id, 0.0),
-                             sentence_sim=sig.sentence)
+            PassageCandidate(chunk, sig.document_id, sig.similarity, sig.lexical, document_sim=sig.document,
+                             document_lexical=sig.document_lexical, sentence_sim=sig.sentence)
             for chunk, sig in signals.items()
         ]
         ranked = fuse_passages(candidates, mode=opts.mode, dense_weight=opts.passage_dense_weight,
@@ -191,7 +191,7 @@ class QueryPipeline:
         for h in hits:
             h.rerank_score = by_chunk[h.chunk_id].rerank_score
             h.sentence_similarity = by_chunk[h.chunk_id].sentence_sim
-        return SearchResult(hits, qvec, space, opts, "passage", lexical.idf)
+        return SearchResult(hits, qvec, space, opts, "passage", lexical.idf if lexical else {})
 
     def _cross_encode_passages(
         self, session: Session, query: str, ranked: list[PassageCandidate], opts: Retrieval
@@ -207,25 +207,29 @@ class QueryPipeline:
         return sorted(head, key=lambda c: -(c.rerank_score or 0.0)) + tail
 
     def _documents(
-        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel, qvec: Any
+        self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel,
+        query_vector: Callable[[], Any],
     ) -> SearchResult:
         """Document ranking: one result per document, shown by its chunk closest to the query."""
         pool = max(opts.candidates, req.k)
 
         found: dict[uuid.UUID, None] = {}
         lexical: dict[uuid.UUID, float] = {}
+        ranked_lexical: list[tuple[uuid.UUID, float]] = []
+        if opts.mode in ("lexical", "hybrid"):
+            # Needs no vector: it runs while the query is embedded.
+            ranked_lexical = retrieve.lexical_documents(
+                session, req.query, cid, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters
+            )
+        qvec = query_vector()
         if opts.mode in ("dense", "hybrid"):
             hits = retrieve.dense_chunks(
                 session, space, qvec, cid, min(pool * CHUNKS_PER_CANDIDATE, 1000),
                 filters=req.filters, ef_search=opts.ef_search, max_scan_tuples=self.settings.hnsw_max_scan_tuples,
             )
             found.update((h.document_id, None) for h in hits)
-        if opts.mode in ("lexical", "hybrid"):
-            ranked = retrieve.lexical_documents(
-                session, req.query, cid, pool, k1=opts.bm25_k1, b=opts.bm25_b, filters=req.filters
-            )
-            lexical.update(ranked)
-            found.update((d, None) for d, _ in ranked)
+        lexical.update(ranked_lexical)
+        found.update((d, None) for d, _ in ranked_lexical)
         ids = list(found)
         if opts.mode == "hybrid":
             # Dense-only candidates get their exact BM25 too (0 when no query term occurs in them).
@@ -322,6 +326,6 @@ class QueryPipeline:
         self, session: Session, req: SearchRequest, result: SearchResult, relevant: list[retrieve.Hit]
     ) -> Answer:
         """The extractive answer from the passages' sentence vectors (made at ingest) and term overlap."""
-        sentences = retrieve.sentence_scores(session, result.space, retrieve.vector_literal(result.query_vector),
+        sentences = retrieve.sentence_scores(session, result.space, result.query_vector,
                                              result.idf, [h.chunk_id for h in relevant])
         return self.extractive.answer(relevant, sentences)

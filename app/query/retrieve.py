@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 from psycopg.types.json import Jsonb
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from app.models import EmbeddingModel
+from app.db.session import HNSW_DEFAULTS
+from app.errors import NotFound, Unavailable
+from app.ingest.store import check_collection_name
+from app.models import Collection, EmbeddingModel
 
 
 @dataclass
@@ -44,6 +47,23 @@ class Hit:
             self.similarity = self.score
 
 
+def collection_and_space(session: Session, collection: str) -> tuple[int, EmbeddingModel]:
+    """One statement: the collection's id (404 when it does not exist) and the active embedding space
+    (503 while there is none), read in the request's transaction so a response comes from one space."""
+    check_collection_name(collection)
+    row = session.execute(
+        select(Collection.id, EmbeddingModel)
+        .select_from(Collection)
+        .outerjoin(EmbeddingModel, EmbeddingModel.status == "active")
+        .where(Collection.name == collection)
+    ).first()
+    if row is None:
+        raise NotFound(f"collection {collection!r} does not exist")
+    if row[1] is None:
+        raise Unavailable("no embedding model is active yet; the service is still starting")
+    return int(row[0]), row[1]
+
+
 def vector_literal(vec: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vec) + "]"
 
@@ -66,48 +86,19 @@ def _filter_sql(filters: dict[str, Any] | None, params: dict[str, Any]) -> str:
 
 
 def _hnsw_settings(session: Session, ef_search: int, k: int, max_scan_tuples: int) -> None:
+    """Set the HNSW search knobs for this transaction, unless the connection already has them (it opens
+    with the configured ones: app.db.session)."""
+    ef = max(ef_search, k)
+    if session.connection().info.get(HNSW_DEFAULTS) == (ef, max_scan_tuples):
+        return
     session.execute(
         text(
             "SELECT set_config('hnsw.ef_search', :ef, true), "
             "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
             "set_config('hnsw.max_scan_tuples', :mst, true)"
         ),
-        {"ef": str(max(ef_search, k)), "mst": str(max_scan_tuples)},
+        {"ef": str(ef), "mst": str(max_scan_tuples)},
     )
-
-
-def nearest_chunks(
-    session: Session,
-    space: EmbeddingModel,
-    query: str,
-    collection_id: int,
-    k: int,
-    *,
-    filters: dict[str, Any] | None,
-    ef_search: int,
-    max_scan_tuples: int,
-) -> dict[int, tuple[uuid.UUID, float]]:
-    """The k chunks nearest to the query (a vector literal) through the space's HNSW index: id -> (document, cosine).
-
-    Ids and scores only: the passage ranking reads the texts of the few it returns.
-    """
-    dim, mid = int(space.dimension), int(space.id)
-    _hnsw_settings(session, ef_search, k, max_scan_tuples)
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "k": k}
-    where = _filter_sql(filters, params)
-    join = " JOIN documents d ON d.id = cv.document_id" if where else ""
-    rows = session.execute(
-        text(f"""
-        SELECT cv.chunk_id, cv.document_id,
-               1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
-          FROM chunk_vectors cv{join}
-         WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
-         ORDER BY (cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
-         LIMIT :k
-        """),
-        params,
-    ).all()
-    return {int(r.chunk_id): (r.document_id, float(r.sim)) for r in rows}
 
 
 def dense_chunks(
@@ -225,138 +216,184 @@ def lexical_documents(
 
 
 @dataclass
-class LexicalPassages:
-    """BM25 of passages (the top n and any asked for), of their documents, and the IDF of each query term."""
+class LexicalLeg:
+    """The lexical leg of a passage ranking: the n best passages by BM25, and what it takes to score any
+    other passage or document the same way (each query term's IDF and the average lengths)."""
 
-    chunks: dict[int, tuple[uuid.UUID, float]] = field(default_factory=dict)
-    documents: dict[uuid.UUID, float] = field(default_factory=dict)
+    chunks: list[int] = field(default_factory=list)
     idf: dict[str, float] = field(default_factory=dict)
+    avg_length: float = 1.0
+    document_idf: dict[str, float] = field(default_factory=dict)
+    document_avg_length: float = 1.0
 
 
-def lexical_passages(
-    session: Session,
-    query: str,
-    collection_id: int,
-    chunker: str,
-    n: int,
-    *,
-    k1: float,
-    b: float,
-    filters: dict[str, Any] | None = None,
-    include: list[int] | None = None,
-    documents: bool = True,
-) -> LexicalPassages:
-    """One statement: the n best passages of the chunk set by BM25 over their heading path and text, the BM25
-    of the `include` chunks too (0 for those without a query term), and, with `documents`, the document-level
-    BM25 of every document among them.
+def passage_lexical(
+    session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
+    filters: dict[str, Any] | None = None, documents: bool = True,
+) -> LexicalLeg:
+    """One statement: the n best passages of the chunk set by BM25 over their heading path and text, each query
+    term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
 
-    Statistics (passage count, average length, document frequency) are the chunk set's own, live; the
-    documents' come from lexical_postings, as in document ranking.
+    It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
+    and the collection's documents', live.
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b,
-                              "inc": include or []}
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
-    document_scores = f"""
-        , dq AS (
-            {_DOCUMENT_STATS}
-        ), didf AS (
-            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
-              FROM q CROSS JOIN dq s
-              JOIN lexical_postings p ON p.collection_id = :cid AND p.term = q.term
-             GROUP BY q.term, s.n
-        ), docs AS (
-            SELECT p.document_id,
-                   {_bm25('doc_length')} AS score
-              FROM lexical_postings p JOIN didf i ON i.term = p.term CROSS JOIN dq s
-             WHERE p.collection_id = :cid AND p.document_id IN (SELECT document_id FROM picked)
-             GROUP BY p.document_id
-        )""" if documents else ", docs AS (SELECT NULL::uuid AS document_id, NULL::float8 AS score WHERE false)"
+    document_rows = f"""
+        UNION ALL
+        SELECT 'd', NULL, t.term, ln(1 + (s.n - count(p.document_id) + 0.5) / (count(p.document_id) + 0.5))
+          FROM terms t CROSS JOIN ({_DOCUMENT_STATS}) s
+          LEFT JOIN lexical_postings p ON p.collection_id = :cid AND p.term = t.term
+         GROUP BY t.term, s.n
+        UNION ALL
+        SELECT 'D', NULL, NULL, s.avgdl FROM ({_DOCUMENT_STATS}) s""" if documents else ""
     rows = session.execute(
         text(f"""
-        WITH q AS (
+        WITH terms AS (
             SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
         ), stats AS (
             SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
               FROM chunks WHERE collection_id = :cid AND chunker = :ck AND lexical_length > 0
         ), idf AS (
-            SELECT q.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
-              FROM q CROSS JOIN stats s
-              LEFT JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = q.term
-             GROUP BY q.term, s.n
+            SELECT t.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
+              FROM terms t CROSS JOIN stats s
+              LEFT JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = t.term
+             GROUP BY t.term, s.n
         ), scored AS (
-            SELECT p.chunk_id,
-                   {_bm25('chunk_length')} AS score
-              FROM chunk_postings p
-              JOIN idf i ON i.term = p.term
-             CROSS JOIN stats s
+            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
+              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
              WHERE p.collection_id = :cid AND p.chunker = :ck
              GROUP BY p.chunk_id
         ), top AS (
-            SELECT sc.chunk_id, c.document_id, sc.score
-              FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
+            SELECT sc.chunk_id, sc.score FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
              WHERE true{where}
              ORDER BY sc.score DESC, sc.chunk_id
              LIMIT :n
-        ), picked AS (
-            SELECT chunk_id, document_id, score FROM top
-            UNION
-            SELECT c.id, c.document_id, coalesce(sc.score, 0)
-              FROM chunks c LEFT JOIN scored sc ON sc.chunk_id = c.id
-             WHERE c.id = ANY(CAST(:inc AS bigint[]))
-        ){document_scores}
-        SELECT 'c' AS kind, p.chunk_id, p.document_id, p.score, NULL AS term FROM picked p
+        )
+        SELECT 'c' AS kind, chunk_id, NULL AS term, score AS value FROM top
         UNION ALL
-        SELECT 'd', NULL, document_id, score, NULL FROM docs
+        SELECT 'i', NULL, term, idf FROM idf
         UNION ALL
-        SELECT 'i', NULL, NULL, idf, term FROM idf
+        SELECT 'C', NULL, NULL, avgdl FROM stats{document_rows}
         """),
         params,
     ).all()
-    out = LexicalPassages()
+    out = LexicalLeg()
     for r in rows:
         if r.kind == "c":
-            out.chunks[int(r.chunk_id)] = (r.document_id, float(r.score))
+            out.chunks.append(int(r.chunk_id))
+        elif r.kind == "i":
+            out.idf[str(r.term)] = float(r.value)
         elif r.kind == "d":
-            out.documents[r.document_id] = float(r.score)
+            out.document_idf[str(r.term)] = float(r.value)
+        elif r.kind == "C":
+            out.avg_length = float(r.value)
         else:
-            out.idf[str(r.term)] = float(r.score)
+            out.document_avg_length = float(r.value)
     return out
 
 
 @dataclass(frozen=True)
-class DenseSignalsOfChunk:
+class PassageSignals:
+    """One candidate passage's signals: the chunk's cosine and BM25, its best sentence's cosine, its
+    document's single-vector cosine and BM25 (None / 0 where not asked for)."""
+
     document_id: uuid.UUID
-    similarity: float  # the chunk's cosine
-    sentence: float | None  # its best sentence's cosine (None: no quotable sentence)
-    document: float | None  # its document's single vector's cosine
+    similarity: float
+    lexical: float
+    sentence: float | None
+    document: float | None
+    document_lexical: float
+
+
+def _idf_table(name: str, idf: dict[str, float], params: dict[str, Any]) -> str:
+    """A CTE of (term, idf) rows from the given IDFs, bound as two arrays."""
+    params[f"{name}_t"], params[f"{name}_v"] = list(idf), list(idf.values())
+    return f"{name} AS (SELECT * FROM unnest(CAST(:{name}_t AS text[]), CAST(:{name}_v AS float8[])) AS x(term, idf))"
 
 
 def passage_signals(
-    session: Session, space: EmbeddingModel, query: str, chunks: list[int], *, sentences: bool, documents: bool
-) -> dict[int, DenseSignalsOfChunk]:
-    """One statement: each chunk's exact cosine to the query (a vector literal), its best sentence's, and its
-    document vector's, in this space."""
-    if not chunks:
-        return {}
+    session: Session,
+    space: EmbeddingModel,
+    vector: np.ndarray,
+    collection_id: int,
+    chunker: str,
+    n: int,
+    lexical: LexicalLeg | None,
+    *,
+    dense: bool,
+    sentences: bool,
+    documents: bool,
+    filters: dict[str, Any] | None,
+    ef_search: int,
+    max_scan_tuples: int,
+    k1: float,
+    b: float,
+) -> dict[int, PassageSignals]:
+    """One statement: the dense leg (the n chunks nearest the query vector, through the space's HNSW index)
+    joined with the lexical leg's passages, and every signal of each candidate exactly: its cosine, its BM25
+    (from the lexical leg's IDF and average length: 0 without a query term), and as asked its best sentence's
+    cosine and its document's cosine and BM25."""
     dim, mid = int(space.dimension), int(space.id)
-    best = (f"""(SELECT max(1 - ((sv.embedding::vector({dim})) <=> q.v)) FROM sentence_vectors sv
-                   WHERE sv.chunk_id = cv.chunk_id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
-    whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> q.v) FROM document_vectors dv
+    if dense:
+        _hnsw_settings(session, ef_search, n, max_scan_tuples)
+    params: dict[str, Any] = {"v": vector, "cid": collection_id, "ck": chunker, "kd": min(n, 1000),
+                              "lex": lexical.chunks if lexical else [], "k1": k1, "b": b}
+    where = _filter_sql(filters, params)
+    ctes = [f"qv AS (SELECT CAST(:v AS vector({dim})) AS v)"]
+    legs = ["SELECT unnest(CAST(:lex AS bigint[])) AS chunk_id"]
+    if dense:
+        # The query vector is the parameter itself here, so the planner can match the space's HNSW index.
+        ctes.append(f"""dense AS MATERIALIZED (
+            SELECT cv.chunk_id FROM chunk_vectors cv{" JOIN documents d ON d.id = cv.document_id" if where else ""}
+             WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
+             ORDER BY (cv.embedding::vector({dim})) <=> CAST(:v AS vector({dim}))
+             LIMIT :kd)""")
+        legs.append("SELECT chunk_id FROM dense")
+    best_sentence = (f"""(SELECT max(1 - ((sv.embedding::vector({dim})) <=> qv.v)) FROM sentence_vectors sv
+                           WHERE sv.chunk_id = cv.chunk_id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
+    whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> qv.v) FROM document_vectors dv
                    WHERE dv.document_id = cv.document_id AND dv.model_id = {mid})""" if documents else "NULL::float8")
+    ctes.append(f"""candidates AS MATERIALIZED (
+        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> qv.v) AS sim,
+               {best_sentence} AS sentence, {whole} AS document
+          FROM ({" UNION ".join(legs)}) p
+          JOIN chunk_vectors cv ON cv.chunk_id = p.chunk_id AND cv.model_id = {mid} CROSS JOIN qv)""")
+    chunk_bm25 = document_bm25 = "0::float8"
+    joins = ""
+    if lexical is not None:
+        params["avgdl"] = lexical.avg_length
+        ctes.append(_idf_table("idf", lexical.idf, params))
+        ctes.append(f"""bm AS (
+            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
+              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN (SELECT :avgdl AS avgdl) s
+             WHERE p.collection_id = :cid AND p.chunker = :ck AND p.chunk_id IN (SELECT chunk_id FROM candidates)
+             GROUP BY p.chunk_id)""")
+        chunk_bm25, joins = "coalesce(bm.score, 0)", " LEFT JOIN bm ON bm.chunk_id = c.chunk_id"
+        if documents:
+            params["davgdl"] = lexical.document_avg_length
+            ctes.append(_idf_table("didf", lexical.document_idf, params))
+            ctes.append(f"""docs AS (
+                SELECT p.document_id, {_bm25('doc_length')} AS score
+                  FROM lexical_postings p JOIN didf i ON i.term = p.term CROSS JOIN (SELECT :davgdl AS avgdl) s
+                 WHERE p.collection_id = :cid AND p.document_id IN (SELECT document_id FROM candidates)
+                 GROUP BY p.document_id)""")
+            document_bm25 = "coalesce(dd.score, 0)"
+            joins += " LEFT JOIN docs dd ON dd.document_id = c.document_id"
     rows = session.execute(
         text(f"""
-        WITH q AS (SELECT CAST(:q AS vector({dim})) AS v)
-        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> q.v) AS sim,
-               {best} AS sentence, {whole} AS document
-          FROM chunk_vectors cv CROSS JOIN q
-         WHERE cv.model_id = {mid} AND cv.chunk_id = ANY(:ids)
+        WITH {", ".join(ctes)}
+        SELECT c.chunk_id, c.document_id, c.sim, c.sentence, c.document,
+               {chunk_bm25} AS lexical, {document_bm25} AS document_lexical
+          FROM candidates c{joins}
         """),
-        {"q": query, "ids": chunks},
+        params,
     ).all()
-    return {int(r.chunk_id): DenseSignalsOfChunk(r.document_id, float(r.sim),
-                                                 None if r.sentence is None else float(r.sentence),
-                                                 None if r.document is None else float(r.document))
+    return {int(r.chunk_id): PassageSignals(r.document_id, float(r.sim), float(r.lexical),
+                                            None if r.sentence is None else float(r.sentence),
+                                            None if r.document is None else float(r.document),
+                                            float(r.document_lexical))
             for r in rows}
 
 
@@ -373,9 +410,9 @@ class SentenceScore:
 
 
 def sentence_scores(
-    session: Session, space: EmbeddingModel, query: str, idf: dict[str, float], chunks: list[int]
+    session: Session, space: EmbeddingModel, query: np.ndarray, idf: dict[str, float], chunks: list[int]
 ) -> list[SentenceScore]:
-    """Every quotable sentence of these chunks, with its cosine to the query (a vector literal) and the summed
+    """Every quotable sentence of these chunks, with its cosine to the query vector and the summed
     IDF of the question's terms it holds (the IDF the passage ranking computed)."""
     if not chunks:
         return []
@@ -387,9 +424,10 @@ def sentence_scores(
              idf AS (SELECT * FROM unnest(CAST(:terms AS text[]), CAST(:idfs AS float8[])) AS t(term, idf))
         SELECT sv.chunk_id, sv.ordinal, sv.char_start, sv.char_end,
                1 - ((sv.embedding::vector({dim})) <=> q.v) AS sim,
-               coalesce((SELECT sum(i.idf) FROM idf i
-                          WHERE i.term = ANY(tsvector_to_array(to_tsvector('{TEXT_SEARCH_CONFIG}',
-                                substr(c.text, sv.char_start + 1, sv.char_end - sv.char_start))))), 0) AS overlap
+               coalesce((SELECT sum(i.idf)
+                           FROM unnest(tsvector_to_array(to_tsvector('{TEXT_SEARCH_CONFIG}',
+                                substr(c.text, sv.char_start + 1, sv.char_end - sv.char_start)))) AS w(term)
+                           JOIN idf i ON i.term = w.term), 0) AS overlap
           FROM sentence_vectors sv JOIN chunks c ON c.id = sv.chunk_id CROSS JOIN q
          WHERE sv.model_id = {mid} AND sv.chunk_id = ANY(:ids)
          ORDER BY sv.chunk_id, sv.ordinal
