@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # Worker processes lower their CPU priority by this much, so that on a shared machine questions
     # (the API) are answered promptly while ingestion and re-indexing take the CPU left over.
     worker_nice: int = Field(default=10, ge=0, le=19)
+    # Threads torch uses to embed one query in the API. One: a short question gains little from a second
+    # thread (11.3 -> 14.2 ms here), while that thread spin-waits against Postgres and the request's own
+    # work, which run beside the embedding; measured in BENCHMARKS.md (question latency).
+    query_encode_threads: int = Field(default=1, ge=1, le=256)
     queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

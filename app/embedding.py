@@ -160,6 +160,13 @@ class Embedder:
         return vectors
 
 
+def torch_threads(n: int) -> None:
+    """Run torch's CPU kernels on n threads (intra-op)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _pooling_name(pooling: Any) -> str:
     if pooling is None:
         return "mean"

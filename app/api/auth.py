@@ -55,7 +55,7 @@ def authenticate(
 
 
 def require(role: Role) -> object:
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not principal.has_role(role):
             raise Forbidden(f"this endpoint needs a key with the {role} role; this key has {principal.role}")
         return principal
@@ -63,7 +63,7 @@ def require(role: Role) -> object:
     return Depends(check)
 
 
-def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def require_admin(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     """Admin endpoints act on every collection (re-indexing, keys), so they need an admin key for '*'."""
     if principal.role != "admin" or not principal.all_collections:
         raise Forbidden("this endpoint needs an admin key for all collections ('*')")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.embedding import EmbedderPool, chunker_key
+from app.embedding import EmbedderPool, chunker_key, torch_threads
 from app.errors import Unavailable
 from app.models import EmbeddingModel
 from app.query import retrieve
@@ -108,7 +108,8 @@ class QueryPipeline:
             self.rerankers.get(self.defaults.rerank)  # load at start, not in the first request
         # One thread embeds every query of this process: torch runs one forward pass at a time anyway (the
         # embedder's lock), and a fixed thread keeps its OpenMP team warm.
-        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="query-encoder")
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="query-encoder", initializer=torch_threads,
+                                          initargs=(settings.query_encode_threads,))
         self.extractive = ExtractiveAnswerer(settings.answer_max_sentences, settings.answer_max_words)
         self.llm = (
             LLMAnswerer(llm_client, settings.llm_model, settings.llm_max_tokens)
