@@ -6,10 +6,12 @@ one query embedding, all three measured in one run.
 1. A fresh database, the API (uvicorn, one process) and one Celery worker (ingest_speed.py's helpers).
 2. The SQuAD articles (48 Markdown files) ingested into one collection, untimed, as `pgsage ingest` does.
 3. This process loads the same embedding model with the same Settings (app.embedding.Embedder).
-4. Over a seeded sample of questions-dev.jsonl, after warm-up, for each question in turn: one query
-   embedding here (embedder.encode([question])), then POST /v1/search {group: passage, k: 5}, then
-   POST /v1/ask {k: 5}, each request answered before the next starts. Interleaving the three per
-   question lets machine noise hit all of them alike. Latency is the client's (HTTP round trip).
+4. Over a seeded sample of questions-dev.jsonl, after warm-up, in blocks of --block questions: the
+   block's query embeddings here (embedder.encode([question])), then its POST /v1/search {group:
+   passage, k: 5}, then its POST /v1/ask {k: 5}, each request answered before the next starts. Blocks
+   let machine noise hit all three alike without a request following this process's own embedding
+   (torch's threads spin after a forward pass and would take the cores from the API). Latency is the
+   client's (HTTP round trip).
 
 The API embeds the query itself with its own copy of the model, so each ratio says how much the rest
 of the request (HTTP, retrieval, answering) adds to the embedding it contains. The embedding here and
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="questions before the measured ones, untimed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question sample")
     parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--block", type=int, default=10,
+                        help="questions per block: their embeddings, then their searches, then their asks")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", bench.DEFAULT_REDIS))
     args = parser.parse_args(argv)
@@ -155,21 +159,31 @@ def main(argv: list[str] | None = None) -> int:
             # This process's own CPU apart: its process tree holds the API, the worker and an embedded Postgres.
             own0 = sum(os.times()[:2])
             with bench.CpuWindow({"api": api_pid, "worker": worker.proc.pid}) as cpu:
-                for q in measured:
-                    t = time.perf_counter()
-                    embedder.encode([q.question])
-                    times["embed"].append((time.perf_counter() - t) * 1000)
-                    passages: list[Passage] = []
-                    answer = ""
+                # In blocks: the block's embeddings, then its searches, then its asks. Measured one
+                # straight after the other, a request paid for this process's own embedding just before it:
+                # torch's threads here spin-wait for a while after each forward pass and took the cores
+                # from the API (search, which followed the embedding, came out slower than ask, which
+                # does more). Blocks keep the three interleaved over time against machine noise.
+                for start in range(0, len(measured), args.block):
+                    block = measured[start : start + args.block]
+                    for q in block:
+                        t = time.perf_counter()
+                        embedder.encode([q.question])
+                        times["embed"].append((time.perf_counter() - t) * 1000)
+                    found_of: dict[str, list[Passage]] = {}
                     if "search" not in errors:
-                        ms, found = _post(client, "/v1/search", {**search_body, "query": q.question})
-                        times["search"].append(ms)
-                        passages = [Passage(h["external_id"], h["text"]) for h in found["results"]]
+                        for q in block:
+                            ms, found = _post(client, "/v1/search", {**search_body, "query": q.question})
+                            times["search"].append(ms)
+                            found_of[q.id] = [Passage(h["external_id"], h["text"]) for h in found["results"]]
+                    answer_of: dict[str, str] = {}
                     if "ask" not in errors:
-                        ms, answered = _post(client, "/v1/ask", {**ask_body, "question": q.question})
-                        times["ask"].append(ms)
-                        answer = answered["answer"]
-                    results.append(QuestionResult(q, passages, answer, 0.0, 0.0))
+                        for q in block:
+                            ms, answered = _post(client, "/v1/ask", {**ask_body, "question": q.question})
+                            times["ask"].append(ms)
+                            answer_of[q.id] = answered["answer"]
+                    results.extend(QuestionResult(q, found_of.get(q.id, []), answer_of.get(q.id, ""), 0.0, 0.0)
+                                   for q in block)
             ncpu = os.cpu_count() or 1
             cpu.result["benchmark_cpu_pct"] = round(100 * (sum(os.times()[:2]) - own0) / cpu.seconds / ncpu, 1)
             others = round(cpu.result["machine_busy_pct"] - cpu.result["benchmark_cpu_pct"]
