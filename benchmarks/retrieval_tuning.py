@@ -36,7 +36,7 @@ from sqlalchemy import text  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.db.session import make_engine, make_sessionmaker, session_scope  # noqa: E402
-from app.embedding import Embedder  # noqa: E402
+from app.embedding import Embedder, chunker_key  # noqa: E402
 from app.eval.beir import load_qrels, load_queries  # noqa: E402
 from app.eval.metrics import evaluate  # noqa: E402
 from app.ingest.store import collection_id  # noqa: E402
@@ -84,7 +84,7 @@ def collect(settings: Settings, folder: Path, split: str, collection: str, limit
                 if missing:
                     lexical[(k1, b)].update(retrieve.lexical_documents(session, query, cid, len(missing),
                                                                        k1=k1, b=b, within=missing))
-            signals = retrieve.dense_signals(session, space, vec, every)
+            signals = retrieve.dense_signals(session, space, vec, every, chunker_key(space.params or {}))
             names = dict(session.execute(
                 text("SELECT id, external_id FROM documents WHERE id = ANY(:ids)"), {"ids": every}
             ).all())

@@ -513,6 +513,45 @@ def test_rollback_restores_the_previous_results_exactly(under_load: UnderLoad) -
     assert active_space(under_load.engine)[0] == under_load.old_id
 
 
+LATE_DOC = """# Lighthouse keeping
+
+The keeper climbed the spiral stair at dusk to light the paraffin lamp behind the Fresnel lens.
+"""
+CHANGED_CHESS = """# Chess openings
+
+The Zukertort gambit sacrifices a knight on the fourth move for an attack on the black king.
+"""
+
+
+def test_documents_written_after_a_switch_survive_a_rollback(seed: Seed, redis_url: str, tmp_path: Path) -> None:
+    """Issue 11, defect 1: a document added, and one changed, after a re-index switched are still found in
+    every mode and grouping once the old space is rolled back to (each has its vectors there too)."""
+    with cloned_database(seed.server, seed.small) as url, engine_on(url) as engine:
+        env = service_env(url, redis_url, **{**OLD, **CHANGES["pooling"]})
+        with worker_and_api(env, tmp_path / "worker.log") as (_, client):
+            job = wait_job(engine, finished, "finished")
+            assert job["status"] == "succeeded", job
+            _ingest(client, "lighthouse.md", LATE_DOC.encode(), "docs", 1)
+            _ingest(client, "chess.md", CHANGED_CHESS.encode(), "docs", 1)
+
+            r = client.post("/v1/admin/reindex/rollback")
+            assert r.status_code == 200, r.text
+            assert active_space(engine)[0] == seed.old_space_id
+            assert_all_vectors_in(engine, seed.old_space_id)
+            for query, expected, words in (("keeper lights the paraffin lamp of the lighthouse", "lighthouse.md",
+                                            "Fresnel lens"),
+                                           ("Zukertort gambit knight sacrifice", "chess.md", "Zukertort")):
+                for mode in ("hybrid", "dense", "lexical"):
+                    for group in ("passage", "document"):
+                        r = client.post("/v1/search", json={"query": query, "k": 3, "collection": "docs",
+                                                            "mode": mode, "group": group})
+                        assert r.status_code == 200, r.text
+                        body = r.json()
+                        assert body["space"]["id"] == seed.old_space_id
+                        top = body["results"][0]
+                        assert (top["external_id"], words in top["text"]) == (expected, True), (mode, group, top)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. A worker killed mid-way; a restart finishes the job
 

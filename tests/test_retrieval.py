@@ -137,6 +137,39 @@ def test_modes(client: TestClient, worker: Any, collection: str) -> None:
     assert r.json()["citations"][0]["external_id"] == "coffee"
 
 
+def test_a_lexical_hit_without_vectors_in_the_active_space_is_not_dropped(
+    client: TestClient, worker: Any, collection: str, settings: Settings
+) -> None:
+    """Issue 11, defect 1 (the search half): a document whose vectors are missing from the active space (written
+    in the gap a rollback leaves, or not yet embedded there) is still found by its words, in both groupings."""
+    _post_json_docs(client, collection, {
+        "ticket": "Incident QX-7731: the nightly backup job failed because the disk was full.",
+        "tides": "Spring tides happen at new and full moon, when the Sun and the Moon pull in a line.",
+    })
+    engine = create_engine(settings.database_url or "")
+    try:
+        with engine.begin() as conn:
+            removed = conn.execute(text("""
+                DELETE FROM chunk_vectors v USING documents d, collections c
+                 WHERE v.document_id = d.id AND d.collection_id = c.id AND c.name = :c AND d.external_id = 'ticket'
+                """), {"c": collection}).rowcount
+            conn.execute(text("""
+                DELETE FROM sentence_vectors s USING chunks ch, documents d, collections c
+                 WHERE s.chunk_id = ch.id AND ch.document_id = d.id AND d.collection_id = c.id AND c.name = :c
+                   AND d.external_id = 'ticket'
+                """), {"c": collection})
+        assert removed >= 1
+    finally:
+        engine.dispose()
+    for mode in ("lexical", "hybrid"):
+        for group in ("passage", "document"):
+            results = _search(client, collection, "QX-7731 backup", mode=mode, group=group)
+            assert results[0]["external_id"] == "ticket", (mode, group, results)
+            assert results[0]["similarity"] == 0.0  # no vector: no similarity to show
+    # The dense leg cannot find it, and the question is not answered from a passage it cannot judge.
+    assert "ticket" not in [r["external_id"] for r in _search(client, collection, "QX-7731 backup", mode="dense")]
+
+
 @pytest.mark.parametrize("body", [
     {"mode": "sparse"},
     {"rerank": "magic"},

@@ -177,7 +177,8 @@ class QueryPipeline:
             max_scan_tuples=self.settings.hnsw_max_scan_tuples, k1=opts.bm25_k1, b=opts.bm25_b,
         )
         candidates = [
-            PassageCandidate(chunk, sig.document_id, sig.similarity, sig.lexical, document_sim=sig.document,
+            PassageCandidate(chunk, sig.document_id, float("-inf") if sig.similarity is None else sig.similarity,
+                             sig.lexical, document_sim=sig.document,
                              document_lexical=sig.document_lexical, sentence_sim=sig.sentence)
             for chunk, sig in signals.items()
         ]
@@ -265,7 +266,7 @@ class QueryPipeline:
     def _candidates(
         session: Session, space: EmbeddingModel, qvec: Any, ids: list[uuid.UUID], lexical: dict[uuid.UUID, float]
     ) -> list[Candidate]:
-        signals = retrieve.dense_signals(session, space, qvec, ids)
+        signals = retrieve.dense_signals(session, space, qvec, ids, chunker_key(space.params or {}))
         out = []
         for d in ids:
             sig = signals.get(d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,7 +301,7 @@ class PassageSignals:
     document's single-vector cosine and BM25 (None / 0 where not asked for)."""
 
     document_id: uuid.UUID
-    similarity: float
+    similarity: float | None  # None: the chunk has no vector in this space
     lexical: float
     sentence: float | None
     document: float | None
@@ -352,14 +353,17 @@ def passage_signals(
              LIMIT :kd)""")
         legs.append("SELECT chunk_id FROM dense")
     best_sentence = (f"""(SELECT max(1 - ((sv.embedding::vector({dim})) <=> qv.v)) FROM sentence_vectors sv
-                           WHERE sv.chunk_id = cv.chunk_id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
+                           WHERE sv.chunk_id = ch.id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
     whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> qv.v) FROM document_vectors dv
-                   WHERE dv.document_id = cv.document_id AND dv.model_id = {mid})""" if documents else "NULL::float8")
+                   WHERE dv.document_id = ch.document_id AND dv.model_id = {mid})""" if documents else "NULL::float8")
+    # A lexical hit without a vector in this space (written before it could be, or in the gap a rollback
+    # leaves) is kept, with no similarity, rather than dropped.
     ctes.append(f"""candidates AS MATERIALIZED (
-        SELECT cv.chunk_id, cv.document_id, 1 - ((cv.embedding::vector({dim})) <=> qv.v) AS sim,
+        SELECT ch.id AS chunk_id, ch.document_id, 1 - ((cv.embedding::vector({dim})) <=> qv.v) AS sim,
                {best_sentence} AS sentence, {whole} AS document
           FROM ({" UNION ".join(legs)}) p
-          JOIN chunk_vectors cv ON cv.chunk_id = p.chunk_id AND cv.model_id = {mid} CROSS JOIN qv)""")
+          JOIN chunks ch ON ch.id = p.chunk_id
+          LEFT JOIN chunk_vectors cv ON cv.chunk_id = p.chunk_id AND cv.model_id = {mid} CROSS JOIN qv)""")
     chunk_bm25 = document_bm25 = "0::float8"
     joins = ""
     if lexical is not None:
@@ -390,7 +394,7 @@ def passage_signals(
         """),
         params,
     ).all()
-    return {int(r.chunk_id): PassageSignals(r.document_id, float(r.sim), float(r.lexical),
+    return {int(r.chunk_id): PassageSignals(r.document_id, None if r.sim is None else float(r.sim), float(r.lexical),
                                             None if r.sentence is None else float(r.sentence),
                                             None if r.document is None else float(r.document),
                                             float(r.document_lexical))
@@ -458,24 +462,26 @@ class DenseSignals:
 
 
 def dense_signals(
-    session: Session, space: EmbeddingModel, query: np.ndarray, documents: list[uuid.UUID]
+    session: Session, space: EmbeddingModel, query: np.ndarray, documents: list[uuid.UUID], chunker: str
 ) -> dict[uuid.UUID, DenseSignals]:
-    """Exact cosine similarity of the query to every chunk and to the single vector of each document."""
+    """Exact cosine similarity of the query to every chunk of the space's chunk set and to the single vector
+    of each document. A chunk without a vector in this space is listed with -inf (a lexical hit written
+    before its vectors, or in the gap a rollback leaves, is still a candidate)."""
     if not documents:
         return {}
     dim, mid = int(space.dimension), int(space.id)
     rows = session.execute(
         text(f"""
-        SELECT cv.document_id, cv.chunk_id,
+        SELECT c.document_id, c.id AS chunk_id,
                1 - ((cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS sim
-          FROM chunk_vectors cv
-         WHERE cv.model_id = {mid} AND cv.document_id = ANY(:ids)
+          FROM chunks c LEFT JOIN chunk_vectors cv ON cv.chunk_id = c.id AND cv.model_id = {mid}
+         WHERE c.document_id = ANY(:ids) AND c.chunker = :ck
         UNION ALL
         SELECT dv.document_id, NULL, 1 - ((dv.embedding::vector({dim})) <=> CAST(:q AS vector({dim})))
           FROM document_vectors dv
          WHERE dv.model_id = {mid} AND dv.document_id = ANY(:ids)
         """),
-        {"q": vector_literal(query), "ids": documents},
+        {"q": query, "ids": documents, "ck": chunker},
     ).all()
     out: dict[uuid.UUID, DenseSignals] = {}
     for r in rows:
@@ -484,7 +490,7 @@ def dense_signals(
             sig.document_sim = float(r.sim)
         else:
             sig.chunk_ids.append(int(r.chunk_id))
-            sig.chunk_sims.append(float(r.sim))
+            sig.chunk_sims.append(float("-inf") if r.sim is None else float(r.sim))
     return out
 
 
@@ -507,8 +513,10 @@ def chunk_hits(session: Session, picks: list[tuple[int, float, float]]) -> list[
         r = by_id.get(chunk_id)
         if r is None:  # deleted between the scoring and this read
             continue
+        # A chunk without a vector in the space has no similarity to show; 0 is "no evidence".
+        shown = similarity if math.isfinite(similarity) else 0.0
         hits.append(Hit(r.id, r.document_id, r.external_id, r.title, r.text, r.ordinal, score,
-                        r.metadata or {}, similarity, heading_path=list(r.heading_path or []),
+                        r.metadata or {}, shown, heading_path=list(r.heading_path or []),
                         page_start=r.page_start, page_end=r.page_end))
     return hits
 

@@ -90,12 +90,25 @@ def build_index(session: Session, space: EmbeddingModel) -> None:
 
 
 def live(session: Session) -> list[EmbeddingModel]:
-    """Spaces that new documents must be written to: the active one and the target of an open re-index."""
+    """Spaces that new documents must be written to: the active one, the target of an open re-index, and the
+    space a rollback would restore (the last one retired, until it is dropped), so that after a rollback
+    every document written since the switch is there too."""
     building = select(ReindexJob.target_model_id).where(ReindexJob.status.in_(("pending", "running")))
+    rollback_target = (
+        select(EmbeddingModel.id)
+        .where(EmbeddingModel.status == "retired")
+        .order_by(EmbeddingModel.retired_at.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     return list(
         session.execute(
             select(EmbeddingModel)
-            .where((EmbeddingModel.status == "active") | EmbeddingModel.id.in_(building))
+            .where(
+                (EmbeddingModel.status == "active")
+                | EmbeddingModel.id.in_(building)
+                | (EmbeddingModel.id == rollback_target)
+            )
             .order_by(EmbeddingModel.id)
         ).scalars()
     )
