@@ -111,6 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (an unparsable body, an unknown path or method) in the same shape."""
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "error parsing the body" for JSON that json.loads refuses with a ValueError rather
+            # than a decode error (an integer literal over 4,300 digits): bad input, like any malformed JSON.
+            return _error(422, "invalid_input", f"the request body is malformed JSON: {exc.__cause__}")
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
         headers = dict(exc.headers) if exc.headers else None
         if exc.status_code == 405:

@@ -6,6 +6,7 @@ case checks that documents, jobs, job_documents and chunks hold exactly the rows
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -173,6 +174,17 @@ FILE_CASES = [
                  ("line 1", "nested too deeply"), id="jsonl-nesting-beyond-the-parser"),
     pytest.param("deep.jsonl", _jsonl(_nested_metadata(150)), 422, "invalid_input",
                  ("line 1", "metadata.a", "nested more than 100 levels"), id="jsonl-nesting-150"),
+    # Issue 11, defect 7: these were 500s.
+    pytest.param("bad.jsonl", _jsonl('{"_id": "a", "text": "one"}', '{"text": "no id"}'), 422, "invalid_input",
+                 ("line 2", '"_id"'), id="jsonl-line-without-id"),
+    pytest.param("bad.jsonl", _jsonl('{"_id": null, "text": "null id"}'), 422, "invalid_input",
+                 ("line 1", '"_id"'), id="jsonl-null-id"),
+    pytest.param("bad.jsonl", _jsonl('{"_id": "a", "text": "ok", "metadata": {"x": NaN}}'), 422, "invalid_input",
+                 ("line 1", "metadata.x", "finite"), id="jsonl-nan-in-metadata"),
+    pytest.param("bad.jsonl", _jsonl('{"_id": "a", "text": "ok", "metadata": {"x": [1e999]}}'), 422,
+                 "invalid_input", ("line 1", "metadata.x[0]", "finite"), id="jsonl-overflowing-number"),
+    pytest.param("bad.jsonl", _jsonl('{"_id": "a", "text": "ok", "n": ' + "9" * 5000 + "}"), 422, "invalid_input",
+                 ("line 1", "4300 digits"), id="jsonl-integer-over-4300-digits"),
     pytest.param("blank.jsonl", b"\n\n  \n", 422, "invalid_input", ("empty",), id="jsonl-only-blank-lines"),
     pytest.param("empty.html", b"<html><head><title>t</title><script>x()</script></head><body> </body>",
                  422, "invalid_input", ("no text",), id="html-without-text"),
@@ -263,6 +275,19 @@ REQUEST_CASES = [
                  ("metadata.a", "nested more than 100 levels"), id="json-metadata-nesting-150"),
     pytest.param(_raw(_nested_metadata(5000).encode(), "application/json"), 422, "invalid_input",
                  ("malformed JSON", "recursion limit"), id="json-metadata-nesting-5000"),
+    # Issue 11, defect 7: these were 500s (or a 400 in another shape).
+    pytest.param(_raw(b'{"text": "fine", "metadata": {"x": NaN}}', "application/json"), 422, "invalid_input",
+                 ("metadata.x", "finite"), id="json-nan-in-metadata"),
+    pytest.param(_raw(b'{"text": "fine", "metadata": {"x": -Infinity}}', "application/json"), 422,
+                 "invalid_input", ("metadata.x", "finite"), id="json-infinity-in-metadata"),
+    pytest.param(_raw(b'{"text": "fine", "metadata": {"x": {"y": 1e999}}}', "application/json"), 422,
+                 "invalid_input", ("metadata.x.y", "finite"), id="json-overflowing-number-in-metadata"),
+    pytest.param(_form({"metadata": '{"x": NaN}'}), 422, "invalid_input", ("metadata.x", "finite"),
+                 id="form-nan-in-metadata"),
+    pytest.param(_form({"metadata": '{"x": ' + "9" * 5000 + "}"}), 422, "invalid_input",
+                 ("metadata", "4300 digits"), id="form-metadata-integer-over-4300-digits"),
+    pytest.param(_form({}, name="n" * 6000 + ".txt"), 422, "invalid_input", ("multipart",),
+                 id="form-file-name-of-6kb"),
     pytest.param(_raw(b"plain text body", "text/plain"), 415, "unsupported_media_type",
                  ("multipart/form-data",), id="content-type-text-plain"),
     pytest.param(_raw(b"<doc>x</doc>", "application/xml"), 415, "unsupported_media_type",
@@ -325,6 +350,10 @@ QUERY_CASES = [
     pytest.param({"filters": ["group", 3]}, 422, "invalid_input", ("filters",), id="filter-not-an-object"),
     pytest.param({"filters": {"g": "\u0000"}}, 422, "invalid_input", ("filters", "NUL"),
                  id="filter-nul-value"),
+    pytest.param({"filters": {"g": float("nan")}}, 422, "invalid_input", ("filters", "finite"),
+                 id="filter-nan"),
+    pytest.param({"filters": {"g": [1, float("inf")]}}, 422, "invalid_input", ("filters", "finite"),
+                 id="filter-infinity-in-a-list"),
     pytest.param({"colour": "red"}, 422, "invalid_input", ("colour",), id="unknown-field"),
 ]
 
@@ -342,7 +371,9 @@ def test_bad_query_is_refused(
     client: TestClient, existing: str, endpoint: str, case: dict[str, Any], status: int, code: str,
     phrases: tuple[str, ...],
 ) -> None:
-    r = client.post(endpoint, json=_query_body(endpoint, existing, case))
+    # Python's json writes NaN and Infinity as JavaScript does (httpx refuses to): some clients send them.
+    r = client.post(endpoint, content=json.dumps(_query_body(endpoint, existing, case)).encode(),
+                    headers={"content-type": "application/json"})
     _assert_error(r, status, code, *phrases)
 
 
@@ -358,6 +389,7 @@ def test_ask_k_above_its_own_max_is_refused(client: TestClient, existing: str) -
     pytest.param(b'{"query": "tides",}', id="trailing-comma"),
     pytest.param(b"not json at all", id="not-json"),
     pytest.param(b"", id="empty"),
+    pytest.param(b'{"query": "tides", "k": ' + b"9" * 5000 + b"}", id="integer-over-4300-digits"),
 ])
 def test_malformed_json_query_is_refused(client: TestClient, endpoint: str, body: bytes) -> None:
     r = client.post(endpoint, content=body, headers={"content-type": "application/json"})

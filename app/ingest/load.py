@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -79,7 +80,8 @@ def detect_kind(filename: str | None, content_type: str | None) -> str:
 
 
 def unstorable(value: Any, path: str = "", depth: int = 0) -> str | None:
-    """Why Postgres cannot store this value (text and jsonb hold no NUL and no lone surrogate), or None."""
+    """Why Postgres cannot store this value (text and jsonb hold no NUL, no lone surrogate and only finite
+    numbers), or None."""
     if depth > MAX_JSON_DEPTH:
         return f"{path[:60]}... is nested more than {MAX_JSON_DEPTH} levels deep"
     if isinstance(value, str):
@@ -90,6 +92,9 @@ def unstorable(value: Any, path: str = "", depth: int = 0) -> str | None:
         except UnicodeEncodeError:
             return f"{path or 'a string'} contains an unpaired surrogate (invalid Unicode)"
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON parsers take NaN, Infinity and 1e999; jsonb does not.
+        return f"{path or 'a number'} is {value!r}, not a finite number"
     if isinstance(value, dict):
         for key, item in value.items():
             shown = str(key).encode("unicode_escape").decode("ascii")[:100]
@@ -330,6 +335,8 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
             raise BadInput(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:
             raise BadInput(f"{where}: the JSON is nested too deeply") from None
+        except ValueError as exc:  # an integer literal over Python's 4,300-digit limit
+            raise BadInput(f"{where}: malformed JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise BadInput(f'{where}: each line must be a JSON object like {{"_id", "title", "text"}}')
         check_storable(obj, where)
@@ -337,10 +344,12 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
         if not isinstance(body, str) or not body.strip():
             raise BadInput(f'{where}: "text" must be a non-empty string')
         ext = check_external_id(obj.get("_id", obj.get("id", obj.get("external_id"))), where)
-        if ext is not None:
-            if ext in seen:
-                raise BadInput(f"{where}: duplicate id {ext!r} in the same file")
-            seen.add(ext)
+        if ext is None:
+            # A line's id is what a later upload replaces it by; without one the file cannot be sent again.
+            raise BadInput(f'{where}: each line needs an "_id" (a non-empty string or number)')
+        if ext in seen:
+            raise BadInput(f"{where}: duplicate id {ext!r} in the same file")
+        seen.add(ext)
         title = obj.get("title")
         if title is not None and not isinstance(title, str):
             raise BadInput(f'{where}: "title" must be a string')

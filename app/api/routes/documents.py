@@ -10,7 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
+from python_multipart.exceptions import FormParserError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
@@ -59,6 +62,8 @@ def _json_object(raw: str | None, what: str) -> dict[str, Any]:
         raise BadInput(f"{what} is malformed JSON: {exc.msg}") from None
     except RecursionError:
         raise BadInput(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # an integer literal over Python's 4,300-digit limit
+        raise BadInput(f"{what} is malformed JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadInput(f"{what} must be a JSON object")
     check_storable(value, what, "metadata")
@@ -71,7 +76,17 @@ async def _read_request(request: Request, limit: int, principal: Principal) -> t
     if declared and declared.isdigit() and int(declared) > limit + 1024 * 1024:
         raise TooLarge(f"the request is larger than the {limit}-byte upload limit")
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except StarletteHTTPException as exc:
+            if not isinstance(exc.__context__, MultiPartException) or not isinstance(
+                exc.__context__.__cause__, FormParserError
+            ):
+                raise  # the form's own limits (files, fields, part size) keep Starlette's answer
+            # The parser gave up on the body: for a well-formed client, a part header over its limit, which a
+            # file name of several KB is.
+            raise BadInput("the multipart upload cannot be parsed: a part's headers, such as the file name, may be "
+                           "too long (send a long name as the 'path' field)") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise BadInput("send the document as a multipart field named 'file'")
