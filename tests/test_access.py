@@ -129,6 +129,9 @@ def test_a_key_for_collection_a_cannot_see_or_change_b(client: TestClient, world
     assert status.status_code == 200
     assert [col["name"] for col in status.json()["collections"]] == [world.a]
     assert world.b not in status.text
+    # Issue 11, defect 9: the models' vector counts are A's alone (B's, or any collection's, would show activity).
+    active = next(m for m in status.json()["models"] if m["status"] == "active")
+    assert active["vectors"] == status.json()["chunks"] > 0
 
     # Searching A for B's words finds only A.
     hits = c.post("/v1/search", json={"query": "Zanzibar vault code 4417", "collection": world.a, "k": 50}).json()

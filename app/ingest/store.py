@@ -520,9 +520,12 @@ def status_summary(session: Session, visible: Sequence[str] | None = None) -> di
         session.execute(
             text(
                 "SELECT id, name, revision, dimension, pooling, normalize, status, fingerprint, activated_at, "
-                "(SELECT count(*) FROM chunk_vectors v WHERE v.model_id = m.id) AS vectors "
+                # Only the collections the key reaches: another tenant's counts would show its activity.
+                "(SELECT count(*) FROM chunk_vectors v JOIN collections c ON c.id = v.collection_id "
+                " WHERE v.model_id = m.id AND " + VISIBLE + ") AS vectors "
                 "FROM embedding_models m WHERE status <> 'dropped' ORDER BY id"
-            )
+            ),
+            {"visible": visible},
         )
         .mappings()
         .all()
