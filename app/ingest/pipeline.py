@@ -121,7 +121,7 @@ class IngestPipeline:
                 raise  # the database is away: the task is retried, the document stays queued
             except Exception as exc:
                 log.exception("storing failed for %s", doc.id)
-                self._fail(doc.id, f"storing failed: {exc}")
+                self._fail(doc, f"storing failed: {exc}")
                 return "failed"
             return "indexed" if written else "skipped"
 
@@ -167,7 +167,7 @@ class IngestPipeline:
                                 raise ValueError("the document has no text to index")
                         except Exception as exc:  # one bad document must not sink the batch
                             log.exception("chunking failed for %s", doc.id)
-                            self._fail(doc.id, f"chunking failed: {exc}")
+                            self._fail(doc, f"chunking failed: {exc}")
                             outcome.failed += 1
                             continue
                         finally:
@@ -219,7 +219,7 @@ class IngestPipeline:
                 outcome.skipped += 1
             elif attempt > self.max_attempts:
                 self._fail(
-                    doc.id,
+                    doc,
                     f"gave up after {self.max_attempts} attempts: each time, the worker processing this document "
                     f"stopped before finishing it (a crash, a kill, running out of memory, or the "
                     f"{self.task_time_limit}s task time limit); the rest of its batch was indexed",
@@ -233,7 +233,8 @@ class IngestPipeline:
                 ready.append(doc)
         return ready
 
-    def _fail(self, doc_id: uuid.UUID, error: str) -> None:
+    def _fail(self, doc: store.PendingDocument, error: str) -> None:
+        """Fail this version of the document (a newer one sent meanwhile stays queued)."""
         with session_scope(self.factory) as session:
-            store.mark_failed(session, doc_id, error)
+            store.mark_failed(session, doc.id, error, doc.content_hash)
 

@@ -363,12 +363,18 @@ def _document_vector(matrix: np.ndarray) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in mean) + "]"
 
 
-def mark_failed(session: Session, doc_id: uuid.UUID, error: str) -> None:
-    """Record why a document could not be indexed; its previous chunks, if any, stay searchable."""
-    session.execute(
-        text("UPDATE documents SET status = 'failed', error = :e, updated_at = now() WHERE id = :id"),
-        {"id": doc_id, "e": error[:2000]},
-    )
+def mark_failed(session: Session, doc_id: uuid.UUID, error: str, content_hash: str | None = None) -> None:
+    """Record why a document could not be indexed; its previous chunks, if any, stay searchable.
+
+    With content_hash, only that version fails: a newer version sent meanwhile stays queued, and so does
+    its job item."""
+    failed = session.execute(
+        text("UPDATE documents SET status = 'failed', error = :e, updated_at = now() WHERE id = :id "
+             "AND (CAST(:h AS text) IS NULL OR content_hash = :h) RETURNING id"),
+        {"id": doc_id, "e": error[:2000], "h": content_hash},
+    ).first()
+    if failed is None:
+        return
     session.execute(
         text(
             "UPDATE job_documents SET status = 'failed', error = :e, updated_at = now() "
