@@ -165,6 +165,13 @@ def test_roles(client: TestClient, world: World) -> None:
     scoped_admin = _as(client, make_key(client, "admin", [world.a]))
     assert scoped_admin.get("/v1/admin/keys").status_code == 403
     assert scoped_admin.post("/v1/search", json={"query": "x", "collection": world.b}).status_code == 403
+    # Issue 11, defect 9: nor may it load a local path as a cross-encoder (a 404 against a 422 would tell it
+    # whether the path exists on the server), whether the path exists or not.
+    for path in ("/etc", "/no/such/model"):
+        for endpoint, field in (("/v1/search", "query"), ("/v1/ask", "question")):
+            r = scoped_admin.post(endpoint, json={field: "x", "collection": world.a, "rerank": f"cross-encoder:{path}"})
+            assert r.status_code == 403, r.text
+            assert "cross-encoder" in r.json()["detail"]
 
     # A key for several collections reaches each of them.
     both = _as(client, make_key(client, "read", [world.a, world.b]))

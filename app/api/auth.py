@@ -80,9 +80,12 @@ def check_collection(principal: Principal, collection: str, role: Role) -> None:
 
 def check_reranker(principal: Principal, requested: str | None, configured: str) -> None:
     """A cross-encoder other than the configured one is a model loaded from a name or a local path, on the
-    server, kept for the life of the process: only admins may ask for one."""
-    if requested and requested.startswith("cross-encoder:") and requested != configured and principal.role != "admin":
-        raise Forbidden(f"only an admin key may name a cross-encoder other than the configured one ({configured})")
+    server, kept for the life of the process: only an admin of the whole service may ask for one (a key
+    scoped to some collections could otherwise probe the server's files by the answer it gets)."""
+    if (requested and requested.startswith("cross-encoder:") and requested != configured
+            and not (principal.role == "admin" and principal.all_collections)):
+        raise Forbidden(f"only an admin key for all collections ('*') may name a cross-encoder other than the "
+                        f"configured one ({configured})")
 
 
 Reader = Annotated[Principal, require("read")]
