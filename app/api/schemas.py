@@ -155,7 +155,8 @@ GROUP_DESCRIPTION = (
 )
 RERANK_DESCRIPTION = (
     "none, prf, or cross-encoder:<model name or path>; default: the server's setting. Naming a cross-encoder "
-    "other than the configured one (PGSAGE_RERANK) needs an admin key: it loads that model into the server."
+    "other than the configured one (PGSAGE_RERANK) needs an admin key for all collections: it loads that model "
+    "into the server."
 )
 RERANK_PATTERN = r"^(none|prf|cross-encoder:\S.*)$"
 
