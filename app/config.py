@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024 * 1024, ge=1024)
     rate_limit_per_minute: int = Field(default=3000, ge=0)
     rate_limit_burst: int = Field(default=100, ge=1)
+    # Requests without a valid key (none, unknown, revoked), per client address: beyond this they get 429.
+    auth_failures_per_minute: int = Field(default=60, ge=0)
+    auth_failures_burst: int = Field(default=20, ge=1)
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)

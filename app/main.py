@@ -67,6 +67,10 @@ def build_resources(settings: Settings) -> Resources:
         limiter=make_limiter(
             settings.redis_url, settings.rate_limit_per_minute, settings.rate_limit_burst, settings.queue_name
         ),
+        failures=make_limiter(
+            settings.redis_url, settings.auth_failures_per_minute, settings.auth_failures_burst,
+            f"{settings.queue_name}:auth-failures",
+        ),
     )
 
 

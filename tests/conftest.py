@@ -57,6 +57,8 @@ def service_env(
         # test_access.py checks the limit itself with a tight one.
         "PGSAGE_RATE_LIMIT_PER_MINUTE": "600000",
         "PGSAGE_RATE_LIMIT_BURST": "10000",
+        "PGSAGE_AUTH_FAILURES_PER_MINUTE": "600000",
+        "PGSAGE_AUTH_FAILURES_BURST": "10000",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

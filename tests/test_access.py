@@ -238,3 +238,23 @@ def test_rate_limit_per_key_in_redis(limited: TestClient) -> None:
     assert other.get("/v1/status").status_code == 200
     # Health is never limited.
     assert all(limited.get("/healthz").status_code == 200 for _ in range(10))
+
+
+def test_failed_authentications_are_limited_per_address(settings: Settings) -> None:
+    """Issue 11, defect 9: requests without a valid key are limited per client address (they were never
+    limited at all); a valid key from the same address still goes through."""
+    from app.main import create_app
+
+    tight = settings.model_copy(update={"auth_failures_per_minute": 6, "auth_failures_burst": 3})
+    with TestClient(create_app(tight)) as c:
+        good = make_key(c, "read", ["*"])
+        bad = "pgs_" + uuid.uuid4().hex[:8] + "_" + uuid.uuid4().hex
+        codes = [c.get("/v1/status", headers={"Authorization": f"Bearer {bad}"}) for _ in range(5)]
+        assert [r.status_code for r in codes[:3]] == [401, 401, 401]
+        refused = [r for r in codes if r.status_code == 429]
+        assert refused, [r.status_code for r in codes]
+        assert refused[0].json()["error"] == "rate_limited"
+        assert "without a valid key" in refused[0].json()["detail"]
+        assert int(refused[0].headers["retry-after"]) >= 1
+        assert c.get("/v1/status").status_code == 429  # no key at all counts the same
+        assert c.get("/v1/status", headers={"Authorization": f"Bearer {good}"}).status_code == 200

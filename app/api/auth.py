@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app import keys
-from app.api.deps import ResourcesDep, SessionDep
+from app.api.deps import Resources, ResourcesDep, SessionDep
 from app.api.ratelimit import retry_after
 from app.db.session import session_scope
 from app.errors import Forbidden, RateLimited, Unauthorized
@@ -34,10 +34,11 @@ def authenticate(
     the key's row.
     """
     if credentials is None or not credentials.credentials:
-        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` (see `pgsage keys create`)")
+        _refuse(request, resources, "an API key is required: send `Authorization: Bearer <key>` "
+                "(see `pgsage keys create`)")
     found = keys.authenticate(session, credentials.credentials)
     if found is None:
-        raise Unauthorized("the API key is not valid, or has been revoked")
+        _refuse(request, resources, "the API key is not valid, or has been revoked")
     principal, stale = found
     if stale:
         with session_scope(resources.factory) as own:
@@ -52,6 +53,21 @@ def authenticate(
         )
     request.state.principal = principal
     return principal
+
+
+def _refuse(request: Request, resources: Resources, reason: str) -> NoReturn:
+    """401, or 429 once this client address has sent too many requests without a valid key (guessing keys,
+    or a misconfigured client hammering the service)."""
+    address = request.client.host if request.client else "unknown"
+    wait = resources.failures.wait_seconds(address)
+    if wait > 0:
+        seconds = retry_after(wait)
+        raise RateLimited(
+            f"too many requests without a valid key from this address "
+            f"({resources.settings.auth_failures_per_minute} per minute); retry in {seconds}s",
+            retry_after=seconds,
+        )
+    raise Unauthorized(reason)
 
 
 def require(role: Role) -> object:

@@ -25,7 +25,8 @@ class Resources:
     factory: sessionmaker[Session]
     query: QueryPipeline
     celery: Any
-    limiter: Limiter
+    limiter: Limiter  # requests per key
+    failures: Limiter  # requests without a valid key, per client address
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency on its thread pool, and
