@@ -803,3 +803,25 @@ def test_quality_gate(seed: Seed, redis_url: str, tmp_path: Path, change: dict[s
             assert quality["passed"] is True
             assert quality["new"]["ndcg@10"] == pytest.approx(quality["old"]["ndcg@10"])
             assert active_space(engine)[0] != seed.old_space_id
+
+
+def test_a_permanent_error_fails_the_job_with_its_reason(seed: Seed, redis_url: str, tmp_path: Path) -> None:
+    """Issue 11, defect 6: a quality gate whose evaluation collection does not exist is an error no retry can
+    mend: the job fails with the reason (it used to die and be sent again every 120 s, for ever), and the
+    old space stays active."""
+    gate = {
+        "PGSAGE_REINDEX_EVAL_DIR": str(_eval_folder(tmp_path / "eval")),
+        "PGSAGE_REINDEX_EVAL_SPLIT": "test",
+        "PGSAGE_REINDEX_EVAL_COLLECTION": "no-such-collection",
+    }
+    with cloned_database(seed.server, seed.small) as url, engine_on(url) as engine:
+        env = service_env(url, redis_url, **{**OLD, **CHANGES["revision"], **gate})
+        with running_worker(env, tmp_path / "worker.log"):
+            job = wait_job(engine, lambda j: j["status"] not in ("pending", "running"), "finished", timeout=300)
+        assert job["status"] == "failed", job
+        assert "no-such-collection" in job["error"], job
+        assert active_space(engine)[0] == seed.old_space_id
+        with engine.connect() as conn:
+            target = conn.execute(text("SELECT status FROM embedding_models WHERE id = :t"),
+                                  {"t": job["target_model_id"]}).scalar_one()
+        assert target == "failed"

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -50,6 +51,14 @@ class ReindexPipeline:
             lock_conn.commit()
             try:
                 return self._run(job_id)
+            except OperationalError:
+                raise  # the database is away: transient, the task retries (a bounded number of times)
+            except Exception as exc:
+                # Anything else no retry can mend (a quality gate without its collection, a broken setting):
+                # the job fails with the reason instead of being sent again for ever.
+                log.exception("re-index %s failed", job_id)
+                self._fail(job_id, f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}")
+                return ReindexOutcome("failed")
             finally:
                 lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 lock_conn.commit()
@@ -57,6 +66,10 @@ class ReindexPipeline:
     def _job(self, session: Session, job_id: uuid.UUID) -> dict[str, object] | None:
         row = session.execute(text("SELECT * FROM reindex_jobs WHERE id = :id"), {"id": job_id}).mappings().first()
         return dict(row) if row else None
+
+    def fail(self, job_id: uuid.UUID, error: str) -> None:
+        """Fail an open job with its reason; its new space is marked failed."""
+        self._fail(job_id, error)
 
     def _fail(self, job_id: uuid.UUID, error: str) -> None:
         with session_scope(self.factory) as session:

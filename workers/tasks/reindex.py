@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
@@ -52,7 +53,21 @@ def check() -> str:
     return f"{message}; dropped spaces {dropped}" if dropped else message
 
 
-@celery_app.task(name="reindex.run", autoretry_for=(OperationalError,), retry_backoff=True, max_retries=8)
-def run(job_id: str) -> str:
+RUN_RETRIES = 8
+
+
+@celery_app.task(name="reindex.run", bind=True, autoretry_for=(OperationalError,), retry_backoff=True,
+                 max_retries=RUN_RETRIES)
+def run(self: Any, job_id: str) -> str:
     """Backfill the new space, build its index and switch; resumable and safe to run twice."""
-    return resources().reindex.run(uuid.UUID(job_id)).status
+    try:
+        return resources().reindex.run(uuid.UUID(job_id)).status
+    except OperationalError as exc:
+        if self.request.retries >= RUN_RETRIES:
+            # Retries spent: fail the job (once the database answers), or beat would send it again for ever.
+            try:
+                resources().reindex.fail(uuid.UUID(job_id), f"the database stayed unavailable over "
+                                                           f"{RUN_RETRIES} retries: {exc}")
+            except OperationalError:
+                log.exception("could not record the failure of re-index %s", job_id)
+        raise
