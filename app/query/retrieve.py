@@ -162,6 +162,11 @@ _DOCUMENT_STATS = ("SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_
                    "FROM documents WHERE collection_id = :cid AND lexical_length > 0")
 
 
+def _idf(df: str) -> str:
+    """Lucene's BM25 IDF of a term with document frequency df, for statistics s (n documents or passages)."""
+    return f"ln(1 + (s.n - {df} + 0.5) / ({df} + 0.5))"
+
+
 def _bm25(length: str) -> str:
     """BM25's sum over matched terms, for postings p (tf, length column), term IDFs i and statistics s."""
     return f"sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.{length} / s.avgdl)))"
@@ -196,7 +201,7 @@ def lexical_documents(
         ), stats AS (
             {_DOCUMENT_STATS}
         ), idf AS (
-            SELECT q.term, ln(1 + (s.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+            SELECT q.term, {_idf('count(*)')} AS idf
               FROM q CROSS JOIN stats s
               JOIN lexical_postings p ON p.collection_id = :cid AND p.term = q.term
              GROUP BY q.term, s.n
@@ -243,7 +248,7 @@ def passage_lexical(
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
     document_rows = f"""
         UNION ALL
-        SELECT 'd', NULL, t.term, ln(1 + (s.n - count(p.document_id) + 0.5) / (count(p.document_id) + 0.5))
+        SELECT 'd', NULL, t.term, {_idf('count(p.document_id)')}
           FROM terms t CROSS JOIN ({_DOCUMENT_STATS}) s
           LEFT JOIN lexical_postings p ON p.collection_id = :cid AND p.term = t.term
          GROUP BY t.term, s.n
@@ -257,7 +262,7 @@ def passage_lexical(
             SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
               FROM chunks WHERE collection_id = :cid AND chunker = :ck AND lexical_length > 0
         ), idf AS (
-            SELECT t.term, ln(1 + (s.n - count(p.chunk_id) + 0.5) / (count(p.chunk_id) + 0.5)) AS idf
+            SELECT t.term, {_idf('count(p.chunk_id)')} AS idf
               FROM terms t CROSS JOIN stats s
               LEFT JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = t.term
              GROUP BY t.term, s.n
