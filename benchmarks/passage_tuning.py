@@ -167,7 +167,7 @@ def candidates(n: int, *legs: np.ndarray) -> np.ndarray:
 
 
 def fused(c: Corpus, n: int, k1: float, b: float, dense: float, document: float, sentence: float) -> np.ndarray:
-    """The service's passage score (app/query/fuse.py fuse_passages) over the union of both legs' top n."""
+    """The service's passage score (app/query/retrieve.py passage_ranking) over the union of both legs' top n."""
     lex = c.bm25(k1, b, "chunk")
     mask = candidates(n, c.cos, lex)
     score = dense * zscore(c.cos, mask) + (1 - dense) * zscore(lex, mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,9 @@ from app.errors import Unavailable
 from app.models import EmbeddingModel
 from app.query import retrieve
 from app.query.answer import NO_ANSWER, Answer, AnswerEvent, ExtractiveAnswerer, LLMAnswerer, answer_events
-from app.query.fuse import Candidate, Fusion, PassageCandidate, fuse, fuse_passages, rank_by
+from app.query.fuse import Candidate, Fusion, fuse, rank_by
 from app.query.rerank import Passage, RerankerPool, rocchio
+from app.query.retrieve import PassageFusion
 
 Mode = Literal["hybrid", "dense", "lexical"]
 Group = Literal["passage", "document"]
@@ -138,7 +140,8 @@ class QueryPipeline:
         # model is the active space's except during a re-index's switch, checked below.
         configured = self.embedders.configured
         pending = self.encoder.submit(configured.encode, [req.query])
-        cid, space = retrieve.collection_and_space(session, req.collection)
+        time.sleep(0)  # hand the GIL to the encoder thread now, not when this one next waits on Postgres
+        cid, space = retrieve.collection_and_space(session, req.collection, plan_once=not req.filters)
         try:
             embedder = self.embedders.for_space(space)
         except ValueError as exc:
@@ -160,53 +163,36 @@ class QueryPipeline:
         """Passage ranking: both legs score chunks (HNSW over chunk vectors, BM25 over chunk postings);
         every candidate chunk gets both signals exactly, plus its document's (single vector, BM25) as a prior.
 
-        Two statements: the lexical leg (while the query is embedded), then the dense leg with every signal."""
+        Two statements: the lexical leg (while the query is embedded), then the dense leg, every signal, the
+        fusion and the texts of the best passages (retrieve.passage_ranking)."""
         pool = max(opts.candidates, req.k)
-        hybrid = opts.mode == "hybrid"
+        fusion = PassageFusion(opts.mode, opts.passage_dense_weight, opts.passage_document_weight,
+                               opts.passage_sentence_weight)
         chunker = chunker_key(space.params or {})
-        documents = hybrid and opts.passage_document_weight > 0
         lexical = None
         if opts.mode != "dense":
             lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
-                                               b=opts.bm25_b, filters=req.filters, documents=documents)
+                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents)
         qvec = query_vector()
-        signals = retrieve.passage_signals(
-            session, space, qvec, cid, chunker, pool, lexical,
-            dense=opts.mode != "lexical", sentences=hybrid and opts.passage_sentence_weight > 0,
-            documents=documents, filters=req.filters, ef_search=opts.ef_search,
-            max_scan_tuples=self.settings.hnsw_max_scan_tuples, k1=opts.bm25_k1, b=opts.bm25_b,
+        cross_encoder = opts.rerank.startswith("cross-encoder:")
+        hits = retrieve.passage_ranking(
+            session, space, qvec, cid, chunker, pool, lexical, fusion,
+            max(req.k, opts.rerank_depth) if cross_encoder else req.k,
+            filters=req.filters, ef_search=opts.ef_search, max_scan_tuples=self.settings.hnsw_max_scan_tuples,
+            k1=opts.bm25_k1, b=opts.bm25_b,
         )
-        candidates = [
-            PassageCandidate(chunk, sig.document_id, float("-inf") if sig.similarity is None else sig.similarity,
-                             sig.lexical, document_sim=sig.document,
-                             document_lexical=sig.document_lexical, sentence_sim=sig.sentence)
-            for chunk, sig in signals.items()
-        ]
-        ranked = fuse_passages(candidates, mode=opts.mode, dense_weight=opts.passage_dense_weight,
-                               document_weight=opts.passage_document_weight,
-                               sentence_weight=opts.passage_sentence_weight)
-        if opts.rerank.startswith("cross-encoder:"):
-            ranked = self._cross_encode_passages(session, req.query, ranked, opts)
-        top = ranked[: req.k]
-        hits = retrieve.chunk_hits(session, [(c.chunk_id, c.score, c.similarity) for c in top])
-        by_chunk = {c.chunk_id: c for c in top}
-        for h in hits:
-            h.rerank_score = by_chunk[h.chunk_id].rerank_score
-            h.sentence_similarity = by_chunk[h.chunk_id].sentence_sim
-        return SearchResult(hits, qvec, space, opts, "passage", lexical.idf if lexical else {})
+        if cross_encoder:
+            hits = self._cross_encode_passages(req.query, hits, opts)
+        return SearchResult(hits[: req.k], qvec, space, opts, "passage", lexical.idf if lexical else {})
 
-    def _cross_encode_passages(
-        self, session: Session, query: str, ranked: list[PassageCandidate], opts: Retrieval
-    ) -> list[PassageCandidate]:
+    def _cross_encode_passages(self, query: str, ranked: list[retrieve.Hit], opts: Retrieval) -> list[retrieve.Hit]:
         """The head of the passage ranking reordered by the cross-encoder; the tail keeps its order below it."""
         reranker = self.rerankers.get(opts.rerank)
         head, tail = ranked[: opts.rerank_depth], ranked[opts.rerank_depth :]
-        texts = {h.chunk_id: h for h in retrieve.chunk_hits(session, [(c.chunk_id, 0.0, 0.0) for c in head])}
-        head = [c for c in head if c.chunk_id in texts]
-        scores = reranker.scores(query, [Passage(texts[c.chunk_id].title, texts[c.chunk_id].text) for c in head])
-        for c, score in zip(head, scores, strict=True):
-            c.rerank_score = float(score)
-        return sorted(head, key=lambda c: -(c.rerank_score or 0.0)) + tail
+        scores = reranker.scores(query, [Passage(h.title, h.text) for h in head])
+        for h, score in zip(head, scores, strict=True):
+            h.rerank_score = float(score)
+        return sorted(head, key=lambda h: -(h.rerank_score or 0.0)) + tail
 
     def _documents(
         self, session: Session, req: SearchRequest, opts: Retrieval, cid: int, space: EmbeddingModel,

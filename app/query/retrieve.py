@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from psycopg.types.json import Jsonb
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db.session import HNSW_DEFAULTS
@@ -48,12 +48,20 @@ class Hit:
             self.similarity = self.score
 
 
-def collection_and_space(session: Session, collection: str) -> tuple[int, EmbeddingModel]:
+def collection_and_space(session: Session, collection: str, *, plan_once: bool = False) -> tuple[int, EmbeddingModel]:
     """One statement: the collection's id (404 when it does not exist) and the active embedding space
-    (503 while there is none), read in the request's transaction so a response comes from one space."""
+    (503 while there is none), read in the request's transaction so a response comes from one space.
+
+    With plan_once, the rest of the transaction plans each statement once per connection (a generic plan;
+    psycopg prepares a statement on its fifth run): the question path's statements keep one shape and
+    their LIMITs are literals, so a generic plan still knows how few rows they want, and planning the
+    passage ranking anew took a fifth of its time. Not for metadata filters: how many rows a filter
+    keeps decides between walking the HNSW index and an exact scan, which only a plan made for the
+    filter's value can weigh."""
     check_collection_name(collection)
     row = session.execute(
-        select(Collection.id, EmbeddingModel)
+        select(Collection.id, EmbeddingModel,
+               func.set_config("plan_cache_mode", "force_generic_plan" if plan_once else "auto", True))
         .select_from(Collection)
         .outerjoin(EmbeddingModel, EmbeddingModel.status == "active")
         .where(Collection.name == collection)
@@ -120,7 +128,7 @@ def dense_chunks(
     """
     dim, mid = int(space.dimension), int(space.id)
     _hnsw_settings(session, ef_search, k, max_scan_tuples)
-    params: dict[str, Any] = {"q": vector_literal(query), "cid": collection_id, "k": k}
+    params: dict[str, Any] = {"q": vector_literal(query), "cid": collection_id}
     where = _filter_sql(filters, params)
     # model id and dimension are integers from our own registry: inlined so the planner can match
     # the partial expression index of this space.
@@ -135,7 +143,7 @@ def dense_chunks(
               JOIN documents d ON d.id = cv.document_id
              WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
              ORDER BY (cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
-             LIMIT :k
+             LIMIT {int(k)}
         )
         SELECT n.chunk_id, n.document_id, d.external_id, d.title, d.metadata, c.text, c.ordinal,
                c.heading_path, c.page_start, c.page_end, 1 - n.distance AS score
@@ -188,7 +196,7 @@ def lexical_documents(
     IDF and the average length come from the collection's live postings, so they follow every
     document that arrives or leaves.
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "n": n, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = p.document_id" if where else ""
     if within is not None:
@@ -214,7 +222,7 @@ def lexical_documents(
          WHERE p.collection_id = :cid{where}
          GROUP BY p.document_id
          ORDER BY score DESC, p.document_id
-         LIMIT :n
+         LIMIT {int(n)}
         """),
         params,
     ).all()
@@ -227,6 +235,7 @@ class LexicalLeg:
     other passage or document the same way (each query term's IDF and the average lengths)."""
 
     chunks: list[int] = field(default_factory=list)
+    documents: list[uuid.UUID] = field(default_factory=list)  # each chunk's document
     idf: dict[str, float] = field(default_factory=dict)
     avg_length: float = 1.0
     document_idf: dict[str, float] = field(default_factory=dict)
@@ -243,17 +252,17 @@ def passage_lexical(
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
     and the collection's documents', live.
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "n": n, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
     document_rows = f"""
         UNION ALL
-        SELECT 'd', NULL, t.term, {_idf('count(p.document_id)')}
+        SELECT 'd', NULL, NULL, t.term, {_idf('count(p.document_id)')}
           FROM terms t CROSS JOIN ({_DOCUMENT_STATS}) s
           LEFT JOIN lexical_postings p ON p.collection_id = :cid AND p.term = t.term
          GROUP BY t.term, s.n
         UNION ALL
-        SELECT 'D', NULL, NULL, s.avgdl FROM ({_DOCUMENT_STATS}) s""" if documents else ""
+        SELECT 'D', NULL, NULL, NULL, s.avgdl FROM ({_DOCUMENT_STATS}) s""" if documents else ""
     rows = session.execute(
         text(f"""
         WITH terms AS (
@@ -272,45 +281,51 @@ def passage_lexical(
              WHERE p.collection_id = :cid AND p.chunker = :ck
              GROUP BY p.chunk_id
         ), top AS (
-            SELECT sc.chunk_id, sc.score FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
+            SELECT sc.chunk_id, c.document_id, sc.score FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
              WHERE true{where}
              ORDER BY sc.score DESC, sc.chunk_id
-             LIMIT :n
+             LIMIT {int(n)}
         )
-        SELECT 'c' AS kind, chunk_id, NULL AS term, score AS value FROM top
+        SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
-        SELECT 'i', NULL, term, idf FROM idf
+        SELECT 'i', NULL, NULL, term, idf FROM idf
         UNION ALL
-        SELECT 'C', NULL, NULL, avgdl FROM stats{document_rows}
+        SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}
         """),
         params,
     ).all()
     out = LexicalLeg()
-    for r in rows:
-        if r.kind == "c":
-            out.chunks.append(int(r.chunk_id))
-        elif r.kind == "i":
-            out.idf[str(r.term)] = float(r.value)
-        elif r.kind == "d":
-            out.document_idf[str(r.term)] = float(r.value)
-        elif r.kind == "C":
-            out.avg_length = float(r.value)
+    for kind, chunk_id, document_id, term, value in rows:
+        if kind == "c":
+            out.chunks.append(chunk_id)
+            out.documents.append(document_id)
+        elif kind == "i":
+            out.idf[term] = value
+        elif kind == "d":
+            out.document_idf[term] = value
+        elif kind == "C":
+            out.avg_length = value
         else:
-            out.document_avg_length = float(r.value)
+            out.document_avg_length = value
     return out
 
 
 @dataclass(frozen=True)
-class PassageSignals:
-    """One candidate passage's signals: the chunk's cosine and BM25, its best sentence's cosine, its
-    document's single-vector cosine and BM25 (None / 0 where not asked for)."""
+class PassageFusion:
+    """How a passage ranking scores its candidates (see passage_ranking)."""
 
-    document_id: uuid.UUID
-    similarity: float | None  # None: the chunk has no vector in this space
-    lexical: float
-    sentence: float | None
-    document: float | None
-    document_lexical: float
+    mode: str  # hybrid, dense or lexical
+    dense_weight: float
+    document_weight: float
+    sentence_weight: float
+
+    @property
+    def documents(self) -> bool:
+        return self.mode == "hybrid" and self.document_weight > 0
+
+    @property
+    def sentences(self) -> bool:
+        return self.mode == "hybrid" and self.sentence_weight > 0
 
 
 def _idf_table(name: str, idf: dict[str, float], params: dict[str, Any]) -> str:
@@ -319,7 +334,18 @@ def _idf_table(name: str, idf: dict[str, float], params: dict[str, Any]) -> str:
     return f"{name} AS (SELECT * FROM unnest(CAST(:{name}_t AS text[]), CAST(:{name}_v AS float8[])) AS x(term, idf))"
 
 
-def passage_signals(
+def _z(column: str) -> str:
+    """The column standardised over the candidates (statistics z); a missing value counts as the lowest one,
+    and a column with no value at all is 0 everywhere."""
+    return (f"coalesce((coalesce(s.{column}, z.{column}_lo) - z.{column}_m) / z.{column}_s, 0)")
+
+
+def _z_stats(column: str) -> str:
+    return (f"avg({column}) AS {column}_m, coalesce(nullif(stddev_pop({column}), 0), 1) AS {column}_s, "
+            f"min({column}) AS {column}_lo")
+
+
+def passage_ranking(
     session: Session,
     space: EmbeddingModel,
     vector: np.ndarray,
@@ -327,48 +353,68 @@ def passage_signals(
     chunker: str,
     n: int,
     lexical: LexicalLeg | None,
+    fusion: PassageFusion,
+    top: int,
     *,
-    dense: bool,
-    sentences: bool,
-    documents: bool,
     filters: dict[str, Any] | None,
     ef_search: int,
     max_scan_tuples: int,
     k1: float,
     b: float,
-) -> dict[int, PassageSignals]:
-    """One statement: the dense leg (the n chunks nearest the query vector, through the space's HNSW index)
-    joined with the lexical leg's passages, and every signal of each candidate exactly: its cosine, its BM25
-    (from the lexical leg's IDF and average length: 0 without a query term), and as asked its best sentence's
-    cosine and its document's cosine and BM25."""
+) -> list[Hit]:
+    """One statement: the `top` best passages, with their texts.
+
+    The candidates are the dense leg's n chunks nearest the query vector (through the space's HNSW index)
+    and the lexical leg's passages. Every candidate gets each signal exactly: its cosine, its BM25 (from the
+    lexical leg's IDF and average length: 0 without a query term), its best sentence's cosine, and its
+    document's single-vector cosine and BM25 (the last three in hybrid mode, when weighted).
+
+    hybrid: z(cosine) and z(BM25) weighted by dense_weight, plus document_weight times the same blend of the
+    document's signals, plus sentence_weight times z(best sentence's cosine), each standardised over the
+    candidates: a passage of the document the question is about ranks above a look-alike elsewhere, and one
+    sentence that says what was asked counts more than the same words spread over a paragraph.
+    dense and lexical rank by that leg's raw chunk score alone. Ties go to the lower chunk id.
+    """
     dim, mid = int(space.dimension), int(space.id)
+    dense = fusion.mode != "lexical"
     if dense:
         _hnsw_settings(session, ef_search, n, max_scan_tuples)
-    params: dict[str, Any] = {"v": vector, "cid": collection_id, "ck": chunker, "kd": min(n, 1000),
-                              "lex": lexical.chunks if lexical else [], "k1": k1, "b": b}
+    params: dict[str, Any] = {"v": vector, "cid": collection_id, "ck": chunker,
+                              "lc": lexical.chunks if lexical else [], "ld": lexical.documents if lexical else [],
+                              "k1": k1, "b": b, "wd": fusion.dense_weight, "wdoc": fusion.document_weight,
+                              "ws": fusion.sentence_weight}
     where = _filter_sql(filters, params)
+    distance = f"(cv.embedding::vector({dim})) <=> CAST(:v AS vector({dim}))"
     ctes = [f"qv AS (SELECT CAST(:v AS vector({dim})) AS v)"]
-    legs = ["SELECT unnest(CAST(:lex AS bigint[])) AS chunk_id"]
+    # The lexical leg's passages (filtered there) that the dense leg did not find get their cosine one by one.
+    # A lexical hit without a vector in this space (written before it could be, or in the gap a rollback
+    # leaves) is kept, with no similarity, rather than dropped.
+    legs = [f"""SELECT l.chunk_id, l.document_id,
+               (SELECT 1 - ((cv.embedding::vector({dim})) <=> qv.v) FROM chunk_vectors cv
+                 WHERE cv.chunk_id = l.chunk_id AND cv.model_id = {mid}) AS sim
+          FROM unnest(CAST(:lc AS bigint[]), CAST(:ld AS uuid[])) AS l(chunk_id, document_id) CROSS JOIN qv"""]
     if dense:
         # The query vector is the parameter itself here, so the planner can match the space's HNSW index.
         ctes.append(f"""dense AS MATERIALIZED (
-            SELECT cv.chunk_id FROM chunk_vectors cv{" JOIN documents d ON d.id = cv.document_id" if where else ""}
+            SELECT cv.chunk_id, cv.document_id, 1 - ({distance}) AS sim
+              FROM chunk_vectors cv{" JOIN documents d ON d.id = cv.document_id" if where else ""}
              WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
-             ORDER BY (cv.embedding::vector({dim})) <=> CAST(:v AS vector({dim}))
-             LIMIT :kd)""")
-        legs.append("SELECT chunk_id FROM dense")
+             ORDER BY {distance}
+             LIMIT {min(int(n), 1000)})""")
+        legs[0] += " WHERE l.chunk_id NOT IN (SELECT chunk_id FROM dense)"
+        legs.append("SELECT chunk_id, document_id, sim FROM dense")
     best_sentence = (f"""(SELECT max(1 - ((sv.embedding::vector({dim})) <=> qv.v)) FROM sentence_vectors sv
-                           WHERE sv.chunk_id = ch.id AND sv.model_id = {mid})""" if sentences else "NULL::float8")
-    whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> qv.v) FROM document_vectors dv
-                   WHERE dv.document_id = ch.document_id AND dv.model_id = {mid})""" if documents else "NULL::float8")
-    # A lexical hit without a vector in this space (written before it could be, or in the gap a rollback
-    # leaves) is kept, with no similarity, rather than dropped.
+                           WHERE sv.chunk_id = p.chunk_id AND sv.model_id = {mid})""" if fusion.sentences
+                     else "NULL::float8")
     ctes.append(f"""candidates AS MATERIALIZED (
-        SELECT ch.id AS chunk_id, ch.document_id, 1 - ((cv.embedding::vector({dim})) <=> qv.v) AS sim,
-               {best_sentence} AS sentence, {whole} AS document
-          FROM ({" UNION ".join(legs)}) p
-          JOIN chunks ch ON ch.id = p.chunk_id
-          LEFT JOIN chunk_vectors cv ON cv.chunk_id = p.chunk_id AND cv.model_id = {mid} CROSS JOIN qv)""")
+        SELECT p.chunk_id, p.document_id, p.sim, {best_sentence} AS sentence
+          FROM ({" UNION ALL ".join(legs)}) p CROSS JOIN qv)""")
+    # Each candidate document's single-vector cosine, once per document.
+    whole = (f"""(SELECT 1 - ((dv.embedding::vector({dim})) <=> qv.v) FROM document_vectors dv
+                   WHERE dv.document_id = x.document_id AND dv.model_id = {mid})""" if fusion.documents
+             else "NULL::float8")
+    ctes.append(f"""whole AS MATERIALIZED (SELECT x.document_id, {whole} AS sim
+                                FROM (SELECT DISTINCT document_id FROM candidates) x CROSS JOIN qv)""")
     chunk_bm25 = document_bm25 = "0::float8"
     joins = ""
     if lexical is not None:
@@ -380,7 +426,7 @@ def passage_signals(
              WHERE p.collection_id = :cid AND p.chunker = :ck AND p.chunk_id IN (SELECT chunk_id FROM candidates)
              GROUP BY p.chunk_id)""")
         chunk_bm25, joins = "coalesce(bm.score, 0)", " LEFT JOIN bm ON bm.chunk_id = c.chunk_id"
-        if documents:
+        if fusion.documents:
             params["davgdl"] = lexical.document_avg_length
             ctes.append(_idf_table("didf", lexical.document_idf, params))
             ctes.append(f"""docs AS (
@@ -390,20 +436,37 @@ def passage_signals(
                  GROUP BY p.document_id)""")
             document_bm25 = "coalesce(dd.score, 0)"
             joins += " LEFT JOIN docs dd ON dd.document_id = c.document_id"
+    ctes.append(f"""signals AS MATERIALIZED (
+        SELECT c.chunk_id, c.document_id, c.sim, c.sentence, coalesce(c.sentence, c.sim) AS best,
+               w.sim AS document, {chunk_bm25} AS lexical, {document_bm25} AS document_lexical
+          FROM candidates c JOIN whole w ON w.document_id = c.document_id{joins})""")
+    if fusion.mode == "hybrid":
+        ctes.append(f"""z AS (SELECT {_z_stats('sim')}, {_z_stats('lexical')}, {_z_stats('document')},
+                                     {_z_stats('document_lexical')}, {_z_stats('best')} FROM signals)""")
+        score = (f":wd * {_z('sim')} + (1 - :wd) * {_z('lexical')}"
+                 + (f" + :wdoc * (:wd * {_z('document')} + (1 - :wd) * {_z('document_lexical')})"
+                    if fusion.documents else "")
+                 + (f" + :ws * {_z('best')}" if fusion.sentences else ""))
+        scored = f"SELECT s.*, {score} AS score FROM signals s CROSS JOIN z"
+    else:
+        scored = f"SELECT s.*, s.{'sim' if dense else 'lexical'} AS score FROM signals s"
     rows = session.execute(
         text(f"""
-        WITH {", ".join(ctes)}
-        SELECT c.chunk_id, c.document_id, c.sim, c.sentence, c.document,
-               {chunk_bm25} AS lexical, {document_bm25} AS document_lexical
-          FROM candidates c{joins}
+        WITH {", ".join(ctes)}, ranked AS ({scored} ORDER BY score DESC NULLS LAST, chunk_id LIMIT {int(top)})
+        SELECT r.chunk_id, r.document_id, coalesce(r.score, '-Infinity'), r.sim, r.sentence, ch.text, ch.ordinal,
+               d.external_id, d.title, d.metadata, ch.heading_path, ch.page_start, ch.page_end
+          FROM ranked r JOIN chunks ch ON ch.id = r.chunk_id JOIN documents d ON d.id = ch.document_id
+         ORDER BY r.score DESC NULLS LAST, r.chunk_id
         """),
         params,
     ).all()
-    return {int(r.chunk_id): PassageSignals(r.document_id, None if r.sim is None else float(r.sim), float(r.lexical),
-                                            None if r.sentence is None else float(r.sentence),
-                                            None if r.document is None else float(r.document),
-                                            float(r.document_lexical))
-            for r in rows}
+    # Unpacked by position: named access to a row's columns costs more than the rest of this loop.
+    # A chunk without a vector in the space has no similarity to show; 0 is "no evidence".
+    return [Hit(chunk_id, document_id, external_id, title, body, ordinal, score, metadata or {},
+                0.0 if sim is None else sim, heading_path=list(heading_path or []), page_start=page_start,
+                page_end=page_end, sentence_similarity=sentence)
+            for (chunk_id, document_id, score, sim, sentence, body, ordinal, external_id, title, metadata,
+                 heading_path, page_start, page_end) in rows]
 
 
 @dataclass(frozen=True)
