@@ -9,8 +9,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,13 @@ class ModelSpec:
     chunk_max_tokens: int
     chunk_overlap_tokens: int
     chunker_version: int = CHUNKER_VERSION
+    # The weight files' hash: recorded with the space to check a rebuild against, not part of the
+    # fingerprint (the revision already is, and is this hash unless a label was configured).
+    weights: str = field(default="", compare=False)
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True)
+        payload = json.dumps({k: v for k, v in asdict(self).items() if k != "weights"}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     @property
@@ -117,7 +121,8 @@ class Embedder:
             )
         self.dimension = settings.embedding_dimension or native_dim
         self.normalize = settings.embedding_normalize
-        self.revision = settings.embedding_revision or _weights_hash(self.path)
+        self.weights = _weights_hash(self.path)
+        self.revision = settings.embedding_revision or self.weights
         self._lock = threading.Lock()
 
     @cached_property
@@ -130,6 +135,7 @@ class Embedder:
             normalize=self.normalize,
             chunk_max_tokens=self.chunk_max_tokens,
             chunk_overlap_tokens=self.settings.chunk_overlap_tokens,
+            weights=self.weights,
         )
 
     @property
@@ -193,10 +199,12 @@ class EmbedderPool:
         self._lock = threading.Lock()
 
     def for_space(self, space: Any) -> Embedder:
-        """The embedder whose fingerprint is the space's; raises ValueError if it cannot be rebuilt."""
+        """The embedder whose fingerprint is the space's, on the weights the space was built with; raises
+        ValueError if it cannot be rebuilt, or if the weights at its model's path are not those any more."""
         with self._lock:
             found = self._by_fingerprint.get(space.fingerprint)
             if found is not None:
+                _check_weights(space, found)
                 return found
             params = space.params or {}
             rebuilt = Embedder(self.settings.model_copy(update={
@@ -211,6 +219,22 @@ class EmbedderPool:
             if rebuilt.spec.fingerprint != space.fingerprint:
                 raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): "
                                  f"its configuration gives fingerprint {rebuilt.spec.fingerprint}")
+            _check_weights(space, rebuilt)
             self._by_fingerprint[space.fingerprint] = rebuilt
             log.info("loaded the model of embedding space %s (%s)", space.id, space.name)
             return rebuilt
+
+
+def _check_weights(space: Any, embedder: Embedder) -> None:
+    """Refuse an embedder whose weight files are not those the space was built with: its vectors would be
+    mixed into the space. Spaces older than their recorded hash are checked by their revision when it is
+    the hash (no label configured); a labelled old space cannot be checked."""
+    expected = getattr(space, "weights", None)
+    if not expected and re.fullmatch(r"[0-9a-f]{16}", space.revision or ""):
+        expected = space.revision
+    if expected and embedder.weights != expected:
+        raise ValueError(
+            f"the weights of model {space.name} at {embedder.path} are not those embedding space {space.id} "
+            f"was built with (their hash is {embedder.weights}, the space recorded {expected}): restore them, "
+            f"or give the new weights a model name or PGSAGE_EMBEDDING_REVISION of their own, which re-indexes"
+        )

@@ -47,7 +47,10 @@ def build_resources(settings: Settings) -> Resources:
         active = spaces.active(session)
         if active is not None:
             # Load the active space's model now (the old one while a re-index runs), not in a request.
-            embedders.for_space(active)
+            try:
+                embedders.for_space(active)
+            except ValueError as exc:  # its model is gone or its weights changed: questions answer 503 with this
+                log.error("the active embedding space cannot be queried here: %s", exc)
     llm = None
     if settings.llm_base_url:
         import openai

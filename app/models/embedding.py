@@ -28,6 +28,8 @@ class EmbeddingModel(Base):
     fingerprint: Mapped[str] = mapped_column(Text, unique=True)
     name: Mapped[str] = mapped_column(Text)
     revision: Mapped[str] = mapped_column(Text)
+    # Hash of the weight files the space was built with (NULL for spaces older than revision 0006).
+    weights: Mapped[str | None] = mapped_column(Text)
     dimension: Mapped[int] = mapped_column(Integer)
     pooling: Mapped[str] = mapped_column(Text)
     normalize: Mapped[bool] = mapped_column(Boolean)

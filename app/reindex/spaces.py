@@ -30,6 +30,7 @@ def register(session: Session, spec: ModelSpec) -> EmbeddingModel:
             fingerprint=spec.fingerprint,
             name=spec.name,
             revision=spec.revision,
+            weights=spec.weights or None,
             dimension=spec.dimension,
             pooling=spec.pooling,
             normalize=spec.normalize,
