@@ -33,6 +33,9 @@ EMBED_GROUP_CHUNKS = 128
 # document cost ~13 s of the 390 s SciFact ingest. If the process dies, all of a block come back as
 # suspects and are then processed one at a time.
 CLAIM_BLOCK = 16
+# A document whose spaces change while it is embedded (a re-index opens, switches or is rolled back) is
+# embedded again for the new ones; each pass needs another change, so a few passes are plenty.
+RETARGET_PASSES = 4
 
 
 def chunker_for(embedder: Embedder) -> Chunker:
@@ -95,6 +98,10 @@ class IngestPipeline:
         again once their claim is stale. Those come back with attempts > 0 and are processed one at a
         time, after the others, so a document that kills its worker takes down only itself, and after
         PGSAGE_INGEST_MAX_ATTEMPTS it fails with the reason recorded.
+
+        The spaces to write are read again for each group, and each write checks them under the lock a
+        switch or rollback takes: a document whose spaces changed between its embedding and its write (a
+        re-index opened, switched, was rolled back) is embedded again for the spaces live now, in another pass.
         """
         outcome = IngestOutcome()
         started = time.perf_counter()
@@ -102,20 +109,58 @@ class IngestPipeline:
             pending = store.pending_documents(session, doc_ids)
             store.hold(session, [d.id for d in pending])
         loaded = time.perf_counter()
+        timings = {"chunk": 0.0, "embed": 0.0, "store": 0.0, "chunks": 0.0}
+        batch, claimed = pending, False
+        for _pass in range(RETARGET_PASSES):
+            batch = self._index(batch, claimed, outcome, timings)
+            if not batch:
+                break
+            claimed = True
+            log.warning("%d documents met embedding spaces that changed while they were embedded; "
+                        "embedding them again for the spaces live now", len(batch))
+        else:
+            # They stay queued under this worker's claim; the stalled sweep sends them again.
+            log.error("%d documents left queued: the embedding spaces kept changing under them", len(batch))
+        if job_id is not None:
+            # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
+            with session_scope(self.factory) as session:
+                store.settle_job_items(session, job_id, doc_ids)
+        log.info(
+            "ingest batch: %d documents, %d chunks (%d indexed, %d failed, %d skipped); "
+            "load %.3fs chunk %.3fs embed %.3fs store %.3fs",
+            len(doc_ids),
+            timings["chunks"],
+            outcome.indexed,
+            outcome.failed,
+            outcome.skipped,
+            loaded - started,
+            timings["chunk"],
+            timings["embed"],
+            timings["store"],
+        )
+        return outcome
+
+    def _index(
+        self, pending: list[store.PendingDocument], claimed: bool, outcome: IngestOutcome, timings: dict[str, float]
+    ) -> list[store.PendingDocument]:
+        """One pass over the documents with the spaces live now; the documents to embed again (see process)."""
         targets = self._targets()
         # One chunk set per chunker the live spaces read (two only while a re-index changes the chunking).
         chunkers = {key: self.chunker(key, embedder) for _, key, embedder in targets}
         primary = targets[0][1] if targets else None
         docs: list[store.PendingDocument] = []
         chunked: list[dict[str, list[ChunkSpan]]] = []
-        timings = {"chunk": 0.0, "embed": 0.0}
 
         def write(i: int, vectors: dict[int, tuple[str, Embedded]]) -> str:
             doc = docs[i]
             try:
                 with session_scope(self.factory) as session:
-                    sets = [store.ChunkSet(key, chunks, {sid: v for sid, (k, v) in vectors.items() if k == key})
-                            for key, chunks in chunked[i].items()]
+                    if spaces.unwritten(session, set(vectors)):
+                        return "retarget"
+                    # One set per chunker the spaces read, the active space's first (its postings are kept).
+                    keys = dict.fromkeys(key for key, _ in vectors.values())
+                    sets = [store.ChunkSet(key, chunked[i][key], {sid: v for sid, (k, v) in vectors.items()
+                                                                  if k == key}) for key in keys]
                     written = store.write_document(session, doc, sets)
             except OperationalError:
                 raise  # the database is away: the task is retried, the document stays queued
@@ -132,9 +177,16 @@ class IngestPipeline:
             held = time.monotonic()
 
             def flush(group: list[int]) -> None:
-                nonlocal held
+                nonlocal held, targets
                 if not group:
                     return
+                # Read again for each group: a re-index opened or switched since goes into this group's writes.
+                targets = self._targets()
+                for _, key, embedder in targets:
+                    chunkers.setdefault(key, self.chunker(key, embedder))
+                for i in group:
+                    for key in chunkers.keys() - chunked[i].keys():
+                        chunked[i][key] = split_document(chunkers[key], docs[i])
                 t0 = time.perf_counter()
                 per_space = [(sid, key, embed_documents(embedder, [chunked[i][key] for i in group]))
                              for sid, key, embedder in targets]
@@ -147,19 +199,25 @@ class IngestPipeline:
                         store.hold(session, list(waiting))  # renew the claim on the rest of the batch
                     held = time.monotonic()
 
-            fresh = [d for d in pending if d.attempts == 0]
-            suspects = [d for d in pending if d.attempts > 0]
             # Fresh documents are claimed CLAIM_BLOCK at a time (one statement); suspects one at a time,
             # and only once the group before them is embedded, so that if a suspect kills the process
-            # again, that attempt is charged to it alone.
-            for batch, block in ((fresh, CLAIM_BLOCK), (suspects, 1)):
+            # again, that attempt is charged to it alone. Documents of a later pass are claimed already.
+            passes: tuple[tuple[list[store.PendingDocument], int], ...]
+            if claimed:
+                passes = ((pending, max(len(pending), 1)),)
+            else:
+                passes = (([d for d in pending if d.attempts == 0], CLAIM_BLOCK),
+                          ([d for d in pending if d.attempts > 0], 1))
+            for batch, block in passes:
                 group: list[int] = []
                 size = 0
                 for start in range(0, len(batch), block):
                     if block == 1 and group:
                         flush(group)
                         group, size = [], 0
-                    for doc in self._claim(batch[start : start + block], outcome):
+                    taken = batch[start : start + block] if claimed else self._claim(batch[start : start + block],
+                                                                                      outcome)
+                    for doc in taken:
                         t0 = time.perf_counter()
                         try:
                             sets = {key: split_document(c, doc) for key, c in chunkers.items()}
@@ -183,29 +241,13 @@ class IngestPipeline:
                 flush(group)
             embedded = time.perf_counter()
             results = [f.result() for f in futures]
+        # "store" is the write time left after the last group is embedded (the rest overlapped it).
+        timings["store"] += time.perf_counter() - embedded
+        timings["chunks"] += sum(len(c[primary]) for c in chunked if primary)
         outcome.indexed += results.count("indexed")
         outcome.failed += results.count("failed")
         outcome.skipped += results.count("skipped")
-        if job_id is not None:
-            # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
-            with session_scope(self.factory) as session:
-                store.settle_job_items(session, job_id, doc_ids)
-        done = time.perf_counter()
-        # "store" is the write time left after the last group is embedded (the rest overlapped it).
-        log.info(
-            "ingest batch: %d documents, %d chunks (%d indexed, %d failed, %d skipped); "
-            "load %.3fs chunk %.3fs embed %.3fs store %.3fs",
-            len(doc_ids),
-            sum(len(c[primary]) for c in chunked if primary),
-            outcome.indexed,
-            outcome.failed,
-            outcome.skipped,
-            loaded - started,
-            timings["chunk"],
-            timings["embed"],
-            done - embedded,
-        )
-        return outcome
+        return [docs[i] for i, r in enumerate(results) if r == "retarget"]
 
     def _claim(self, batch: list[store.PendingDocument], outcome: IngestOutcome) -> list[store.PendingDocument]:
         """Count this attempt for each; the documents to go ahead with. One that has used up its attempts

@@ -15,7 +15,9 @@ from app.db.base import Base
 class EmbeddingModel(Base):
     """An embedding space: one model configuration, identified by its fingerprint.
 
-    status: building -> active -> retired (kept for rollback) -> dropped; or failed/cancelled.
+    status: building -> active -> retired (kept for rollback) -> dropping -> dropped; or failed, cancelled,
+    superseded, refused (by the quality gate), rolled_back; those are dropped after the retention time too
+    (dropping -> their status again, or dropped).
     """
 
     __tablename__ = "embedding_models"

@@ -160,8 +160,8 @@ class ReindexPipeline:
             if self.settings.reindex_eval_dir is not None and not self._passes_quality_gate(job_id, source_id, target):
                 return ReindexOutcome("refused", embedded)
             with session_scope(self.factory) as session:
-                # Hold off new chunks while checking completeness and switching, so nothing slips between.
-                session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
+                # Hold off document writes while checking completeness and switching, so nothing slips between.
+                spaces.hold_writes(session)
                 if backfill.missing_count(session, target.id, target_chunker, rechunk) == 0:
                     if switch(session, job_id, source_id, target.id):
                         return ReindexOutcome("succeeded", embedded)

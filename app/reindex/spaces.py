@@ -117,3 +117,21 @@ def live(session: Session) -> list[EmbeddingModel]:
 
 def by_id(session: Session, space_id: int) -> EmbeddingModel:
     return session.execute(select(EmbeddingModel).where(EmbeddingModel.id == space_id)).scalar_one()
+
+
+def hold_writes(session: Session) -> None:
+    """Stop document writes until this transaction ends (a switch or rollback decides on a fixed state).
+
+    A writer holds ROW EXCLUSIVE on chunks from before it reads the live spaces (`unwritten`) until it
+    commits, which this SHARE lock waits for and excludes; so a writer either commits before the switch
+    looks (and the switch sees its chunks) or reads the spaces after it.
+    """
+    session.execute(text("LOCK TABLE chunks IN SHARE MODE"))
+
+
+def unwritten(session: Session, written: set[int]) -> list[int]:
+    """The live spaces a document write about to happen in this transaction would leave out.
+
+    Takes the writer's lock first (see hold_writes), so the answer holds until the transaction commits."""
+    session.execute(text("LOCK TABLE chunks IN ROW EXCLUSIVE MODE"))
+    return [s.id for s in live(session) if s.id not in written]

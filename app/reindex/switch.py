@@ -5,14 +5,21 @@ from __future__ import annotations
 import logging
 import uuid
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.db.session import make_sessionmaker, session_scope
+from app.embedding import chunker_key
 from app.errors import Conflict
 from app.reindex import spaces
 from app.reindex.plan import PLAN_LOCK
 
 log = logging.getLogger(__name__)
+# Statuses of spaces no query reads and no re-index builds; kept for a while, then dropped. 'dropping' is
+# a drop that stopped half-way (it is finished); 'dropped' may still hold vectors a write in flight added.
+DROPPABLE = ("retired", "rolled_back", "refused", "cancelled", "superseded", "failed", "dropping", "dropped")
+# Rows deleted per transaction: each batch is short, so no lock is held long and vacuum can keep up.
+RETIRE_BATCH = 5000
 
 
 def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) -> bool:
@@ -47,6 +54,7 @@ def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) 
 def rollback(session: Session) -> tuple[int, int]:
     """Make the most recently retired space active again; the current one is marked rolled back."""
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
+    spaces.hold_writes(session)  # a write in flight finishes first; the next ones see the new spaces
     if session.execute(text("SELECT 1 FROM reindex_jobs WHERE status IN ('pending', 'running')")).first():
         raise Conflict("a re-index is running: cancel it first")
     previous = session.execute(
@@ -66,43 +74,81 @@ def rollback(session: Session) -> tuple[int, int]:
     return int(current), int(previous)
 
 
-def retire_expired(session: Session, retention_hours: float) -> list[int]:
-    """Drop the vectors and indexes of spaces retired (or abandoned) longer ago than the retention time."""
-    ids = (
-        session.execute(
-            text("""
-        SELECT m.id FROM embedding_models m
-         WHERE m.status IN ('retired', 'rolled_back', 'refused', 'cancelled', 'superseded')
-           AND coalesce(m.retired_at, m.created_at) < now() - make_interval(secs => :h * 3600)
-           AND EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.model_id = m.id)
-        """),
+def retire_expired(engine: Engine, retention_hours: float, *, batch: int = RETIRE_BATCH) -> list[int]:
+    """Drop the vectors, indexes and unused chunk sets of spaces retired (or abandoned) longer ago than the
+    retention time, without blocking queries or writes.
+
+    Each space is first marked 'dropping' under the plan lock (the lock of switch, rollback and plan), with
+    its status checked again there: a rollback that made it active again meanwhile wins, and once it is
+    marked no rollback, re-index or document write reaches it. Then its HNSW index is dropped
+    CONCURRENTLY and its rows deleted in short batches, each its own transaction.
+    """
+    factory = make_sessionmaker(engine)
+    with session_scope(factory) as session:
+        candidates = session.execute(
+            text(f"""
+            SELECT m.id FROM embedding_models m
+             WHERE m.status IN {DROPPABLE}
+               AND coalesce(m.retired_at, m.created_at) < now() - make_interval(secs => :h * 3600)
+               AND (m.status = 'dropping' OR EXISTS (SELECT 1 FROM chunk_vectors v WHERE v.model_id = m.id)
+                    OR EXISTS (SELECT 1 FROM document_vectors v WHERE v.model_id = m.id))
+             ORDER BY m.id"""),
             {"h": retention_hours},
-        )
-        .scalars()
-        .all()
-    )
-    for mid in ids:
-        for table in spaces.VECTOR_TABLES:
-            session.execute(text(f"DROP INDEX IF EXISTS {spaces.index_name(table, mid)}"))
-            session.execute(text(f"DELETE FROM {table} WHERE model_id = :m"), {"m": mid})
-        # Its chunk set goes too when no other space that is kept reads it.
-        session.execute(
-            text("""
-            DELETE FROM chunks c USING embedding_models m
-             WHERE m.id = :m AND c.chunker = 'v' || coalesce(m.params->>'chunker_version', '1') || ':'
-                   || (m.params->>'chunk_max_tokens') || ':' || (m.params->>'chunk_overlap_tokens')
-               AND NOT EXISTS (SELECT 1 FROM embedding_models o
-                                WHERE o.id <> m.id AND o.status IN ('active', 'building', 'retired')
-                                  AND o.params = m.params)
-            """),
-            {"m": mid},
-        )
-        # A rolled-back, refused or cancelled space keeps its status: its model is not re-indexed by itself.
-        session.execute(
-            text(
-                "UPDATE embedding_models SET status = 'dropped' WHERE id = :m AND status IN ('retired', 'superseded')"
-            ),
-            {"m": mid},
-        )
+        ).scalars().all()
+    dropped = []
+    for mid in candidates:
+        with session_scope(factory) as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
+            # Checked again under the lock: a rollback may have made it the active space meanwhile.
+            was = session.execute(
+                text(f"""
+                UPDATE embedding_models m SET status = 'dropping' FROM embedding_models o
+                 WHERE m.id = :m AND o.id = m.id AND m.status IN {DROPPABLE}
+                   AND coalesce(m.retired_at, m.created_at) < now() - make_interval(secs => :h * 3600)
+                RETURNING o.status, m.params"""),
+                {"m": mid, "h": retention_hours},
+            ).first()
+        if was is None:
+            log.warning("embedding space %s is in use again: not dropped", mid)
+            continue
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in spaces.HNSW_TABLES:
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {spaces.index_name(table, mid)}"))
+            for table in spaces.VECTOR_TABLES:
+                while conn.execute(
+                    text(f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+                         f"SELECT ctid FROM {table} WHERE model_id = :m LIMIT {int(batch)}))"),
+                    {"m": mid},
+                ).rowcount:
+                    pass
+        _drop_unread_chunks(factory, chunker_key(was.params or {}), batch)
+        with session_scope(factory) as session:
+            # A rolled-back, refused or cancelled space keeps its status: its model is not re-indexed by itself.
+            keep = was.status in ("rolled_back", "refused", "cancelled")
+            session.execute(
+                text("UPDATE embedding_models SET status = :s WHERE id = :m AND status = 'dropping'"),
+                {"m": mid, "s": was.status if keep else "dropped"},
+            )
         log.warning("dropped embedding space %s", mid)
-    return [int(i) for i in ids]
+        dropped.append(int(mid))
+    return dropped
+
+
+def _drop_unread_chunks(factory: sessionmaker[Session], chunker: str, batch: int) -> None:
+    """Delete a chunk set (its chunks, and with them their postings) once no space that is kept reads it;
+    in batches, each checking again under the plan lock (a re-index may start to read it meanwhile)."""
+    while True:
+        with session_scope(factory) as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
+            kept = session.execute(text(
+                "SELECT params FROM embedding_models WHERE status IN ('active', 'building', 'retired')")).scalars()
+            if chunker in {chunker_key(p or {}) for p in kept}:
+                return
+            deleted = session.execute(
+                text(f"DELETE FROM chunks WHERE id = ANY(ARRAY(SELECT id FROM chunks WHERE chunker = :ck "
+                     f"LIMIT {int(batch)}))"),
+                {"ck": chunker},
+            ).rowcount  # type: ignore[attr-defined]
+        if not deleted:
+            return

@@ -48,8 +48,7 @@ def check_model() -> str:
 def check() -> str:
     """Periodic (beat): the model check, and dropping spaces kept past their rollback window."""
     message = check_model()
-    with session_scope(resources().factory) as session:
-        dropped = retire_expired(session, resources().settings.reindex_retention_hours)
+    dropped = retire_expired(resources().engine, resources().settings.reindex_retention_hours)
     return f"{message}; dropped spaces {dropped}" if dropped else message
 
 
