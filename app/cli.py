@@ -594,6 +594,9 @@ def status(as_json: JsonOpt = False, url: UrlOpt = DEFAULT_URL) -> None:
         )
     else:
         typer.echo("active model: none yet")
+    configuration = result.get("configuration") or {}
+    if configuration.get("state") not in (None, "active"):
+        typer.echo(f"configured model: {configuration['state']}: {configuration['message']}")
     for c in result["collections"]:
         typer.echo(
             f"  {c['name']}: {c['documents']} documents ({c['indexed']} indexed, {c['queued']} queued, "
@@ -626,10 +629,15 @@ def reindex(
     cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the running re-index.")] = False,
     rollback: Annotated[bool, typer.Option("--rollback", help="Switch back to the previous space.")] = False,
     wait: Annotated[bool, typer.Option(help="Show a progress bar until it finishes.")] = True,
+    model: Annotated[str | None, typer.Option("--model", help="Re-index into this model (a name or a local "
+                                              "folder) instead of the configured one.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="With --model: a label for its weights.")] = None,
     url: UrlOpt = DEFAULT_URL,
 ) -> None:
-    """Re-embed every chunk with the configured model beside the old vectors, then switch (or follow,
-    cancel, roll back). A model change starts this by itself; the command does it on demand."""
+    """Re-embed every chunk with the configured model (or --model) beside the old vectors, then switch (or
+    follow, cancel, roll back). A model change starts this by itself; the command does it on demand. After
+    --model switches, that model serves queries until the configuration names a newer one; `pgsage status`
+    shows the drift."""
     from tqdm import tqdm
 
     with _client(url) as client:
@@ -643,7 +651,10 @@ def reindex(
             result = _call(client, "POST", "/v1/admin/reindex/rollback")
             typer.echo(f"rolled back: space {result['from_space']} -> {result['to_space']}")
             return
-        started = _call(client, "POST", "/v1/admin/reindex")
+        if revision is not None and model is None:
+            raise typer.Exit(_fail("--revision goes with --model"))
+        body = {"model": model, "revision": revision} if model is not None else None
+        started = _call(client, "POST", "/v1/admin/reindex", json=body)
         typer.echo(started["message"])
         if not wait or started["job_id"] is None:
             return

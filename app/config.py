@@ -35,6 +35,10 @@ class Settings(BaseSettings):
 
     # Ingestion.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    # Untrusted HTML and PDF are parsed in a child process within these (what exceeds them is a 413).
+    parse_memory_mb: int = Field(default=768, ge=64)
+    parse_seconds: float = Field(default=60.0, gt=0)
+    pdf_max_pages: int = Field(default=5000, ge=1)
     max_documents_per_request: int = Field(default=10_000, ge=1)
     ingest_batch_documents: int = Field(default=256, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)

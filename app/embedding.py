@@ -225,6 +225,21 @@ class EmbedderPool:
             return rebuilt
 
 
+    def named(self, name: str, revision: str | None = None) -> Embedder:
+        """The configured embedder with another model (an admin's `pgsage reindex --model NAME`): the same
+        chunking, pooling and dimension settings, the model's own revision unless one is given; raises
+        ValueError if the model cannot be loaded."""
+        update = {"embedding_model": name, "embedding_revision": revision, "embedding_pooling": None,
+                  "embedding_dimension": None}
+        settings = self.settings.model_copy(update=update)
+        try:
+            built = Embedder(settings)
+        except Exception as exc:
+            raise ValueError(f"cannot load embedding model {name!r}: {type(exc).__name__}: {exc}") from exc
+        with self._lock:
+            return self._by_fingerprint.setdefault(built.spec.fingerprint, built)
+
+
 def _check_weights(space: Any, embedder: Embedder) -> None:
     """Refuse an embedder whose weight files are not those the space was built with: its vectors would be
     mixed into the space. Spaces older than their recorded hash are checked by their revision when it is

@@ -23,6 +23,7 @@ from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import EmbedderPool
 from app.errors import AppError
+from app.ingest import sandbox
 from app.query.pipeline import QueryPipeline
 from app.reindex import spaces
 from app.reindex.plan import plan
@@ -51,6 +52,7 @@ def build_resources(settings: Settings) -> Resources:
                 embedders.for_space(active)
             except ValueError as exc:  # its model is gone or its weights changed: questions answer 503 with this
                 log.error("the active embedding space cannot be queried here: %s", exc)
+    sandbox.warm()  # the process that parses uploaded HTML and PDF under a budget
     llm = None
     if settings.llm_base_url:
         import openai

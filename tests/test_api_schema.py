@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from app import keys
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
-from tests.fixtures.services import free_port, migrate, postgres_server, scratch_database
+from tests.fixtures.services import api_process, migrate, postgres_server, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).parent / "schemathesis.toml"
@@ -43,36 +42,18 @@ def api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         with session_scope(make_sessionmaker(engine)) as session:
             _, key = keys.create(session, "schemathesis", "admin", ["*"])
         engine.dispose()
-        port = free_port()
         queue = f"pgsage-schemathesis-{uuid.uuid4().hex[:8]}"
         env = {**service_env, "PGSAGE_DATABASE_URL": url, "PGSAGE_QUEUE_NAME": queue}
         log = tmp_path_factory.mktemp("schemathesis") / "api.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port),
-                 "--log-level", "warning"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
-        base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-            # Something to find: a collection with a document in it.
-            r = httpx.post(f"{base}/v1/documents", json={"text": "Tides follow the Moon.", "external_id": "tides"},
-                           headers={"Authorization": f"Bearer {key}"})
-            assert r.status_code == 202, r.text
-            yield base, key
+            with api_process(env, log) as base:
+                # Something to find: a collection with a document in it.
+                r = httpx.post(f"{base}/v1/documents", json={"text": "Tides follow the Moon.",
+                                                             "external_id": "tides"},
+                               headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 202, r.text
+                yield base, key
         finally:
-            proc.terminate()
-            proc.wait(30)
             import redis
 
             redis.Redis.from_url(service_env["PGSAGE_REDIS_URL"]).delete(queue)  # tasks no worker was meant to run

@@ -328,6 +328,18 @@ class DocumentOut(BaseModel):
     indexed_at: datetime | None
 
 
+class ReindexIn(_In):
+    model: str | None = Field(
+        default=None, min_length=1, max_length=500, json_schema_extra={"pattern": PRINTABLE_ID},
+        description="Re-index into this embedding model (a name or a local folder) instead of the configured one; "
+        "once it switches it is the active model for queries, whatever the configuration says.",
+    )
+    revision: str | None = Field(
+        default=None, min_length=1, max_length=200, json_schema_extra={"pattern": PRINTABLE_ID},
+        description="A label for the model's weights (default: a hash of the weight files).",
+    )
+
+
 class KeyIn(_In):
     name: str = Field(min_length=1, max_length=200, description="What the key is for.",
                       json_schema_extra=_schema(NOT_BLANK))

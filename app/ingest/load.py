@@ -16,7 +16,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from app.errors import BadInput, TooLarge, UnsupportedMedia
+from app.ingest import sandbox
 from app.ingest.chunk import PAGE_BREAK
+from app.ingest.sandbox import Budget
 
 TEXT_KINDS = {
     ".txt": "text",
@@ -41,6 +43,7 @@ CONTENT_TYPES = {
 MAX_EXTERNAL_ID = 512
 MAX_TITLE = 1000
 MAX_JSON_DEPTH = 100
+MAX_PDF_PAGES = 5000
 
 
 @dataclass
@@ -253,7 +256,7 @@ def _load_html(text: str) -> tuple[str | None, str]:
     return title or None, _html_markdown(soup)
 
 
-def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
+def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, str, dict[str, Any]]:
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
@@ -261,6 +264,9 @@ def _load_pdf(data: bytes, name: str) -> tuple[str | None, str, dict[str, Any]]:
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
+        if max_pages and len(reader.pages) > max_pages:
+            raise TooLarge(f"{name} has {len(reader.pages)} pages, over the {max_pages}-page limit "
+                           "(PGSAGE_PDF_MAX_PAGES)")
         pages = [_clean(_plain(page.extract_text() or "")) for page in reader.pages]
         info = reader.metadata
         title = _plain(str(info.title)).strip() if info is not None and info.title else None
@@ -368,9 +374,19 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
 
 
 def load_upload(
-    filename: str | None, content_type: str | None, data: bytes, max_bytes: int, *, external_id: str | None = None
+    filename: str | None,
+    content_type: str | None,
+    data: bytes,
+    max_bytes: int,
+    *,
+    external_id: str | None = None,
+    budget: Budget | None = None,
+    max_pages: int = MAX_PDF_PAGES,
 ) -> list[LoadedDocument]:
-    """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable."""
+    """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable.
+
+    With a budget, HTML and PDF (whose parsers' memory grows with what the file describes, not its size)
+    are parsed in a child process within it (see sandbox); the API passes one, tests may parse in-process."""
     # The base name is the id only when the client sends no path: documents stored before paths keep theirs.
     name = external_id or PurePosixPath(filename or "upload").name or "upload"
     if len(data) > max_bytes:
@@ -379,14 +395,15 @@ def load_upload(
         raise BadInput(f"{name} is empty")
     kind = detect_kind(filename, content_type)
     if kind == "pdf":
-        title, text, meta = _load_pdf(data, name)
+        args = (data, name, max_pages)
+        title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
         return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta,
                                format="pdf")]
     text = _decode(data, name)
     if kind == "jsonl":
         return _load_jsonl(text, name)
     if kind == "html":
-        title, body = _load_html(text)
+        title, body = sandbox.run(_load_html, (text,), budget, name) if budget else _load_html(text)
         return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(body, name), source=name,
                                format="markdown")]
     body = _require_text(_clean(text), name)

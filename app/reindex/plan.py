@@ -62,6 +62,12 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
 
     requested=True is the admin command: it also rebuilds a space that was rolled back, and it
     re-embeds into a fresh copy when the configured model is already the active one.
+
+    Only the newest configuration plans: a space's id orders the configurations as they were first seen, and
+    a process whose configured space is older than the active one or than an open job's target leaves both
+    alone (without this, a worker not yet redeployed in a rolling deploy opened a job back to its model, or
+    cancelled the new one, and the active space flipped back and forth). Going back to an earlier model is
+    an explicit act: a rollback, or `pgsage reindex`.
     """
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
     active = spaces.active(session)
@@ -70,18 +76,32 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
         return Plan(None, False, f"space {space.id} is active (first start)")
     current = open_job(session)
     target = spaces.register(session, configured)
+    if current is not None and current["target_model_id"] == target.id:
+        return Plan(current["id"], False, "a re-index to the configured model is already under way")  # type: ignore[arg-type]
+    newest = max(active.id, int(current["target_model_id"]) if current else 0)  # type: ignore[call-overload]
+    if target.id < newest and not requested:
+        # A space's id is its configuration's generation (ids grow as configurations are first seen). This
+        # process runs an older configuration than the active space or the re-index under way (a rolling
+        # deploy not finished, a stale worker): it serves and writes the live spaces, and plans nothing.
+        message = stale_message(target.id, newest, active.id)
+        log.warning(message)
+        return Plan(None, False, message)
     if current is not None:
-        if current["target_model_id"] == target.id:
-            return Plan(current["id"], False, "a re-index to the configured model is already under way")  # type: ignore[arg-type]
-        # The configuration moved on while a re-index ran: that job's target is no longer wanted.
+        # The configuration moved on while a re-index ran (or an admin asked): that job's target is not wanted.
         cancel(session, reason="superseded by a newer model configuration", target_status="superseded")
     if target.id == active.id:
         if not requested:
             return Plan(None, False, "the configured model is the active one")
         raise Conflict(
-            "the configured embedding model is already active; change the model configuration "
-            "(PGSAGE_EMBEDDING_*) and restart, or roll back"
+            "that embedding model is already the active one; name another (`pgsage reindex --model NAME`), "
+            "change the model configuration (PGSAGE_EMBEDDING_*) and restart, or roll back"
         )
+    if target.status == "dropping":
+        # Retirement is deleting this space's old vectors; building into it meanwhile would lose rows.
+        message = f"the configured model's space {target.id} is being dropped; it is re-indexed once that is done"
+        if requested:
+            raise Conflict(message + ": try again shortly")
+        return Plan(None, False, message)
     if target.status in ("rolled_back", "refused", "cancelled") and not requested:
         # An operator rolled it back or cancelled it, or the quality gate refused it: only a request retries.
         log.warning(
@@ -91,6 +111,37 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
     job_id = _create_job(session, active, target, "requested" if requested else "detected")
     log.warning("embedding model changed (space %s -> %s): re-index job %s opened", active.id, target.id, job_id)
     return Plan(job_id, True, f"re-index job {job_id} opened: space {active.id} -> {target.id}")
+
+
+def configuration_state(session: Session, configured: ModelSpec) -> dict[str, object]:
+    """How this process's configured model stands against the active space (for /readyz and status)."""
+    active = spaces.active(session)
+    mine = session.execute(
+        text("SELECT id, status FROM embedding_models WHERE fingerprint = :f"), {"f": configured.fingerprint}
+    ).first()
+    job = open_job(session)
+    out: dict[str, object] = {"configured": configured.fingerprint, "configured_space": mine.id if mine else None,
+                              "active_space": active.id if active else None}
+    if active is None or mine is None:
+        return {**out, "state": "unplanned", "message": "the model check has not run yet"}
+    if mine.id == active.id and job is None:
+        return {**out, "state": "active", "message": "the configured model is the active one"}
+    if job is not None and job["target_model_id"] == mine.id:
+        return {**out, "state": "reindexing",
+                "message": f"a re-index to the configured model is under way (job {job['id']})"}
+    newest = max(active.id, int(job["target_model_id"]) if job else 0)  # type: ignore[call-overload]
+    if mine.id < newest:
+        return {**out, "state": "stale", "message": stale_message(mine.id, newest, active.id)}
+    return {**out, "state": mine.status,
+            "message": f"the configured model's space is {mine.status}; queries use the active space {active.id}"
+                       " (`pgsage reindex` builds it again)"}
+
+
+def stale_message(configured: int, newest: int, active: int) -> str:
+    what = "the active space" if newest == active else "the target of the re-index under way"
+    return (f"this process's embedding model configuration (space {configured}) is older than {what} "
+            f"(space {newest}): it serves the active space {active} and writes every live space, and opens or "
+            "cancels no re-index; deploy the new configuration to it, or run `pgsage reindex` to choose a model")
 
 
 def cancel(session: Session, *, reason: str = "cancelled", target_status: str = "cancelled") -> uuid.UUID | None:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 from app import keys
 from app.api.auth import Admin, require_admin
 from app.api.deps import ResourcesDep, SessionDep
-from app.api.schemas import V1_ERRORS, KeyCreated, KeyIn, KeyOut, error_responses
+from app.api.schemas import V1_ERRORS, KeyCreated, KeyIn, KeyOut, ReindexIn, error_responses
 from app.errors import Conflict, NotFound
 from app.reindex import plan as planning
 from app.reindex.switch import rollback
@@ -23,9 +23,16 @@ router = APIRouter(
 )
 
 
-@router.post("/reindex", status_code=202, summary="Re-index into the configured embedding model")
-def start_reindex(session: SessionDep, resources: ResourcesDep) -> dict[str, Any]:
-    planned = planning.plan(session, resources.query.embedders.configured.spec, requested=True)
+@router.post("/reindex", status_code=202, summary="Re-index into the configured embedding model, or a named one")
+def start_reindex(session: SessionDep, resources: ResourcesDep, body: ReindexIn | None = None) -> dict[str, Any]:
+    embedders = resources.query.embedders
+    spec = embedders.configured.spec
+    if body is not None and body.model is not None:
+        try:
+            spec = embedders.named(body.model, body.revision).spec  # loaded here: a bad name is refused now
+        except ValueError as exc:
+            raise NotFound(str(exc)) from None
+    planned = planning.plan(session, spec, requested=True)
     session.commit()  # the job exists before a worker is told about it
     if planned.job_id is not None:
         resources.celery.send_task("reindex.run", args=[str(planned.job_id)])

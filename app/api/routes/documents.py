@@ -18,11 +18,14 @@ from starlette.formparsers import MultiPartException
 from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
 from app.api.schemas import V1_ERRORS, DocumentIn, DocumentOut, IngestAccepted, JobOut, error_responses
+from app.config import Settings
 from app.db.session import session_scope
 from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
 from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
+from app.ingest.sandbox import Budget
 from app.keys import Principal
+from app.reindex.plan import configuration_state
 
 router = APIRouter(prefix="/v1", tags=["documents"], responses=error_responses(*V1_ERRORS, 404))
 log = logging.getLogger(__name__)
@@ -70,7 +73,10 @@ def _json_object(raw: str | None, what: str) -> dict[str, Any]:
     return value
 
 
-async def _read_request(request: Request, limit: int, principal: Principal) -> tuple[str, list[LoadedDocument]]:
+async def _read_request(
+    request: Request, settings: Settings, principal: Principal
+) -> tuple[str, list[LoadedDocument]]:
+    limit = settings.max_upload_bytes
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + 1024 * 1024:
@@ -100,7 +106,8 @@ async def _read_request(request: Request, limit: int, principal: Principal) -> t
         external_id = None if path is None else check_path(path)
         data = await upload.read(limit + 1)
         docs = await run_in_threadpool(
-            load_upload, upload.filename, upload.content_type, data, limit, external_id=external_id
+            load_upload, upload.filename, upload.content_type, data, limit, external_id=external_id,
+            budget=Budget(settings.parse_memory_mb, settings.parse_seconds), max_pages=settings.pdf_max_pages,
         )
         for doc in docs:
             doc.metadata = {**doc.metadata, **extra}
@@ -149,7 +156,7 @@ def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -
 async def create_documents(request: Request, principal: Writer, resources: ResourcesDep) -> IngestAccepted:
     """Validate and store the documents, answer at once; a worker chunks and embeds them."""
     settings = resources.settings
-    collection, docs = await _read_request(request, settings.max_upload_bytes, principal)
+    collection, docs = await _read_request(request, settings, principal)
     store.check_collection_name(collection)
     if len(docs) > settings.max_documents_per_request:
         raise TooLarge(
@@ -175,5 +182,9 @@ def read_job(job_id: uuid.UUID, principal: Reader, session: SessionDep) -> dict[
 
 
 @router.get("/status", summary="Collections, documents, chunks, jobs and embedding models")
-def read_status(principal: Reader, session: SessionDep) -> dict[str, Any]:
-    return store.status_summary(session, principal.visible)
+def read_status(principal: Reader, session: SessionDep, resources: ResourcesDep) -> dict[str, Any]:
+    summary = store.status_summary(session, principal.visible)
+    # The configured model against the active one: they differ while a re-index runs, after a rollback or a
+    # re-index into a named model, and on a process not yet given the newest configuration.
+    summary["configuration"] = configuration_state(session, resources.query.embedders.configured.spec)
+    return summary

@@ -10,7 +10,9 @@ from sqlalchemy import text
 
 from app.api.deps import Resources, ResourcesDep
 from app.api.schemas import error_responses
+from app.db.session import session_scope
 from app.errors import Unavailable
+from app.reindex.plan import configuration_state
 
 router = APIRouter(tags=["health"])
 
@@ -28,6 +30,13 @@ def _check(resources: Resources) -> dict[str, Any]:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
+        return checks
+    try:
+        with session_scope(resources.factory) as session:
+            # Detail, not a readiness condition: a process on an older configuration still serves.
+            checks["model"] = configuration_state(session, resources.query.embedders.configured.spec)
+    except Exception as exc:
+        checks["model"] = {"state": "unknown", "message": f"{type(exc).__name__}"}
     try:
         with resources.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
@@ -40,6 +49,6 @@ def _check(resources: Resources) -> dict[str, Any]:
 @router.get("/readyz", summary="The database and the broker answer", responses=error_responses(503))
 async def readyz(resources: ResourcesDep) -> dict[str, Any]:
     checks = await run_in_threadpool(_check, resources)
-    if any(v != "ok" for v in checks.values()):
+    if any(v != "ok" for k, v in checks.items() if k != "model"):
         raise Unavailable("not ready", detail=checks)
     return {"status": "ready", **checks}
