@@ -113,6 +113,8 @@ def test_a_key_for_collection_a_cannot_see_or_change_b(client: TestClient, world
         "read-document": c.get(f"/v1/documents/{world.doc_b}"),
         "delete-document": c.delete(f"/v1/documents/{world.doc_b}"),
         "read-job": c.get(f"/v1/jobs/{world.job_b}"),
+        "list-documents": c.get("/v1/documents", params={"collection": world.b}),
+        "list-jobs": c.get("/v1/jobs", params={"collection": world.b}),
         "reindex": c.post("/v1/admin/reindex"),
         "reindex-status": c.get("/v1/admin/reindex"),
         "keys": c.get("/v1/admin/keys"),
@@ -123,6 +125,15 @@ def test_a_key_for_collection_a_cannot_see_or_change_b(client: TestClient, world
     for what, r in attempts.items():
         assert r.status_code in (403, 404), (what, r.status_code, r.text)
         assert not _leaks(r, world), (what, r.text)
+
+    # The listings without a collection show A's alone.
+    for path in ("/v1/collections", "/v1/documents", "/v1/jobs", "/v1/documents?q=doc"):
+        r = c.get(path)
+        assert r.status_code == 200, (path, r.text)
+        assert not _leaks(r, world), (path, r.text)
+    assert [col["name"] for col in c.get("/v1/collections").json()] == [world.a]
+    assert {d["id"] for d in c.get("/v1/documents").json()["items"]} == {world.doc_a}
+    assert {j["id"] for j in c.get("/v1/jobs").json()["items"]} == {world.job_a}
 
     # Status lists A only; nothing of B's name or counts.
     status = c.get("/v1/status")

@@ -841,7 +841,7 @@ SQUAD = Path(__file__).parents[2] / "shared" / "data" / "squad-articles" / "corp
 
 
 def test_an_ingest_begun_before_a_reindex_writes_the_new_space_too(seed: Seed, redis_url: str, tmp_path: Path) -> None:
-    """Issue 11, defect 2, with two workers: worker A (the old configuration) takes up a long batch (48 long
+    """Issue 11, defect 2, with two workers: worker A (the old configuration) takes up a long batch (16 long
     articles in one task) and reads its target spaces; then worker B starts with a new configuration, opens
     the re-index and runs it while A is still writing. Every document A writes after the job opened must get
     its vectors in the new space too (A used to keep the spaces it read at its start for the whole batch, so

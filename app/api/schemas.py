@@ -311,6 +311,52 @@ class JobOut(BaseModel):
     errors: list[JobError]
 
 
+class CollectionOut(BaseModel):
+    name: str
+    documents: int
+    indexed: int
+    queued: int
+    failed: int
+    chunks: int
+
+
+class DocumentSummary(BaseModel):
+    id: uuid.UUID
+    collection: str
+    external_id: str
+    title: str | None
+    status: str
+    error: str | None
+    chunk_count: int
+    created_at: datetime
+    updated_at: datetime
+    indexed_at: datetime | None
+
+
+class DocumentPage(BaseModel):
+    items: list[DocumentSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class JobSummary(BaseModel):
+    id: uuid.UUID
+    kind: str
+    collection: str | None
+    state: Literal["queued", "running", "succeeded", "failed", "completed_with_errors"]
+    total: int
+    done: int
+    indexed: int
+    unchanged: int
+    failed: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobPage(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
+
+
 class DocumentOut(BaseModel):
     id: uuid.UUID
     collection: str

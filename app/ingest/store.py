@@ -6,6 +6,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -465,6 +466,11 @@ def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | N
         .mappings()
         .all()
     )
+    return {**_job_summary(job, counts), "errors": [dict(e) for e in errors]}
+
+
+def _job_summary(job: Any, counts: Any) -> dict[str, Any]:
+    """A job's state and counts from its items' counts."""
     total, failed = counts["total"], counts["failed"]
     finished = counts["done"] + counts["unchanged"] + failed
     if finished < total:
@@ -474,7 +480,10 @@ def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | N
     else:
         state = "failed" if failed == total else "completed_with_errors"
     return {
-        **dict(job),
+        "id": job["id"],
+        "kind": job["kind"],
+        "collection": job["collection"],
+        "created_at": job["created_at"],
         "state": state,
         "total": total,
         "done": counts["done"] + counts["unchanged"],
@@ -482,11 +491,87 @@ def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | N
         "unchanged": counts["unchanged"],
         "failed": failed,
         "updated_at": counts["updated_at"] or job["created_at"],
-        "errors": [dict(e) for e in errors],
     }
 
 
-def status_summary(session: Session, visible: Sequence[str] | None = None) -> dict[str, Any]:
+def _page_after(cursor: tuple[datetime, uuid.UUID] | None, column: str, params: dict[str, Any]) -> str:
+    """The keyset condition of a newest-first page: rows strictly after the cursor's (time, id)."""
+    if cursor is None:
+        return ""
+    params["after_t"], params["after_id"] = cursor
+    return f" AND ({column}, x.id) < (:after_t, :after_id)"
+
+
+def list_collections(session: Session, visible: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The collections the key reaches, with their documents by status and chunks."""
+    return status_summary(session, visible, collections_only=True)["collections"]  # type: ignore[no-any-return]
+
+
+def list_documents(
+    session: Session,
+    visible: Sequence[str] | None,
+    *,
+    collection: str | None,
+    status: str | None,
+    q: str | None,
+    limit: int,
+    cursor: tuple[datetime, uuid.UUID] | None,
+) -> list[dict[str, Any]]:
+    """A page of documents, newest change first (keyset on (updated_at, id)); q matches title or external id."""
+    params: dict[str, Any] = {"visible": visible, "coll": collection, "status": status, "limit": limit,
+                              "q": None if q is None else "%" + q.replace("\\", "\\\\").replace("%", "\\%")
+                              .replace("_", "\\_") + "%"}
+    rows = session.execute(
+        text(f"""
+        SELECT x.id, c.name AS collection, x.external_id, x.title, x.status, x.error, x.chunk_count,
+               x.created_at, x.updated_at, x.indexed_at
+          FROM documents x JOIN collections c ON c.id = x.collection_id
+         WHERE {VISIBLE}
+           AND (CAST(:coll AS text) IS NULL OR c.name = :coll)
+           AND (CAST(:status AS text) IS NULL OR x.status = :status)
+           AND (CAST(:q AS text) IS NULL OR x.title ILIKE :q OR x.external_id ILIKE :q)
+           {_page_after(cursor, "x.updated_at", params)}
+         ORDER BY x.updated_at DESC, x.id DESC
+         LIMIT :limit"""),
+        params,
+    ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def list_jobs(
+    session: Session,
+    visible: Sequence[str] | None,
+    *,
+    collection: str | None,
+    limit: int,
+    cursor: tuple[datetime, uuid.UUID] | None,
+) -> list[dict[str, Any]]:
+    """A page of ingest jobs, newest first (keyset on (created_at, id)), each with its state and counts."""
+    params: dict[str, Any] = {"visible": visible, "coll": collection, "limit": limit}
+    rows = session.execute(
+        text(f"""
+        SELECT x.id, x.kind, x.created_at, c.name AS collection, i.*
+          FROM jobs x LEFT JOIN collections c ON c.id = x.collection_id
+          CROSS JOIN LATERAL (
+              SELECT count(*) AS total,
+                     count(*) FILTER (WHERE status = 'done') AS done,
+                     count(*) FILTER (WHERE status = 'unchanged') AS unchanged,
+                     count(*) FILTER (WHERE status = 'failed') AS failed,
+                     max(updated_at) AS updated_at
+                FROM job_documents WHERE job_id = x.id) i
+         WHERE {VISIBLE}
+           AND (CAST(:coll AS text) IS NULL OR c.name = :coll)
+           {_page_after(cursor, "x.created_at", params)}
+         ORDER BY x.created_at DESC, x.id DESC
+         LIMIT :limit"""),
+        params,
+    ).mappings().all()
+    return [_job_summary(r, r) for r in rows]
+
+
+def status_summary(
+    session: Session, visible: Sequence[str] | None = None, *, collections_only: bool = False
+) -> dict[str, Any]:
     """Counts for `pgsage status`: collections, documents by status, chunks, jobs, spaces (within visible)."""
     collections = (
         session.execute(
@@ -507,6 +592,8 @@ def status_summary(session: Session, visible: Sequence[str] | None = None) -> di
         .mappings()
         .all()
     )
+    if collections_only:
+        return {"collections": [dict(c) for c in collections]}
     jobs = (
         session.execute(
             text("""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import uuid
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from python_multipart.exceptions import FormParserError
@@ -17,10 +20,21 @@ from starlette.formparsers import MultiPartException
 
 from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
-from app.api.schemas import V1_ERRORS, DocumentIn, DocumentOut, IngestAccepted, JobOut, error_responses
+from app.api.schemas import (
+    COLLECTION_PATTERN,
+    V1_ERRORS,
+    CollectionOut,
+    DocumentIn,
+    DocumentOut,
+    DocumentPage,
+    IngestAccepted,
+    JobOut,
+    JobPage,
+    error_responses,
+)
 from app.config import Settings
 from app.db.session import session_scope
-from app.errors import BadInput, TooLarge, Unavailable, UnsupportedMedia
+from app.errors import BadInput, NotFound, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import store
 from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
 from app.ingest.sandbox import Budget
@@ -163,6 +177,74 @@ async def create_documents(request: Request, principal: Writer, resources: Resou
             f"the request holds {len(docs)} documents; at most {settings.max_documents_per_request} per request"
         )
     return await run_in_threadpool(_accept, resources, collection, docs)
+
+
+PageLimit = Annotated[int, Query(ge=1, le=200, description="Items per page.")]
+Cursor = Annotated[str | None, Query(max_length=200, pattern=r"^[A-Za-z0-9_=-]+$",
+                                     description="The `next_cursor` of the previous page.")]
+CollectionFilter = Annotated[str | None, Query(max_length=64, pattern=COLLECTION_PATTERN,
+                                               description="Only this collection.")]
+
+
+def _cursor(value: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """A page cursor: the (time, id) of the last item of the previous page, opaque to clients."""
+    if value is None:
+        return None
+    try:
+        stamp, ident = json.loads(base64.urlsafe_b64decode(value.encode()))
+        return datetime.fromisoformat(stamp), uuid.UUID(ident)
+    except (ValueError, TypeError, binascii.Error):
+        # 404, not 422: any string of the cursor's characters is well-formed; this one points at no page.
+        raise NotFound("no page at this cursor: it is not one this API gave (pass a page's next_cursor "
+                       "unchanged)") from None
+
+
+def _page(items: list[dict[str, Any]], limit: int, column: str) -> dict[str, Any]:
+    """A page from up to limit + 1 rows: the extra row only says that there is a next page."""
+    if len(items) <= limit:
+        return {"items": items, "next_cursor": None}
+    last = items[limit - 1]
+    cursor = base64.urlsafe_b64encode(json.dumps([last[column].isoformat(), str(last["id"])]).encode()).decode()
+    return {"items": items[:limit], "next_cursor": cursor}
+
+
+@router.get("/collections", response_model=list[CollectionOut],
+            summary="The collections the key reaches, with document, chunk and failed counts")
+def list_collections(principal: Reader, session: SessionDep) -> list[dict[str, Any]]:
+    return store.list_collections(session, principal.visible)
+
+
+@router.get("/documents", response_model=DocumentPage,
+            summary="Documents, newest change first, by collection, status or title/id (keyset pages)")
+def list_documents(
+    principal: Reader,
+    session: SessionDep,
+    collection: CollectionFilter = None,
+    status: Annotated[Literal["queued", "indexed", "failed"] | None, Query(description="Only this status.")] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00]*$",
+                                   description="Part of the title or external id.")] = None,
+    limit: PageLimit = 50,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    if collection is not None:
+        check_collection(principal, collection, "read")
+        store.collection_id(session, collection)  # 404 if it does not exist
+    items = store.list_documents(session, principal.visible, collection=collection, status=status, q=q,
+                                 limit=limit + 1, cursor=_cursor(cursor))
+    return _page(items, limit, "updated_at")
+
+
+@router.get("/jobs", response_model=JobPage, summary="Ingest jobs, newest first, with their state and counts")
+def list_jobs(
+    principal: Reader, session: SessionDep, collection: CollectionFilter = None, limit: PageLimit = 50,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    if collection is not None:
+        check_collection(principal, collection, "read")
+        store.collection_id(session, collection)  # 404 if it does not exist
+    items = store.list_jobs(session, principal.visible, collection=collection, limit=limit + 1,
+                            cursor=_cursor(cursor))
+    return _page(items, limit, "created_at")
 
 
 @router.get("/documents/{document_id}", response_model=DocumentOut, summary="A document and its status")
