@@ -14,17 +14,13 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from app import keys
-from app.config import Settings
-from app.db.session import make_engine, make_sessionmaker, session_scope
-from tests.fixtures.services import api_process, migrate, postgres_server, scratch_database
+from tests.fixtures.services import scratch_api
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).parent / "schemathesis.toml"
@@ -36,28 +32,14 @@ MIN_REQUESTS = 1000
 @pytest.fixture(scope="module")
 def api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A uvicorn process of the API on its own database; its URL and an admin key."""
-    with postgres_server() as server, scratch_database(server) as url:
-        migrate(url)
-        engine = make_engine(Settings(database_url=url), pool_size=1)
-        with session_scope(make_sessionmaker(engine)) as session:
-            _, key = keys.create(session, "schemathesis", "admin", ["*"])
-        engine.dispose()
-        queue = f"pgsage-schemathesis-{uuid.uuid4().hex[:8]}"
-        env = {**service_env, "PGSAGE_DATABASE_URL": url, "PGSAGE_QUEUE_NAME": queue}
-        log = tmp_path_factory.mktemp("schemathesis") / "api.log"
-        try:
-            with api_process(env, log) as base:
-                # Something to find: a collection with a document in it.
-                r = httpx.post(f"{base}/v1/documents", json={"text": "Tides follow the Moon.",
-                                                             "external_id": "tides"},
-                               headers={"Authorization": f"Bearer {key}"})
-                assert r.status_code == 202, r.text
-                yield base, key
-        finally:
-            import redis
-
-            redis.Redis.from_url(service_env["PGSAGE_REDIS_URL"]).delete(queue)  # tasks no worker was meant to run
-        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    log = tmp_path_factory.mktemp("schemathesis") / "api.log"
+    with scratch_api(service_env, log, "admin") as (base, key):
+        # Something to find: a collection with a document in it.
+        r = httpx.post(f"{base}/v1/documents", json={"text": "Tides follow the Moon.", "external_id": "tides"},
+                       headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 202, r.text
+        yield base, key
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_schemathesis_finds_nothing_in_at_least_1000_requests(api: tuple[str, str], tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import keys
-from app.config import Settings
-from app.db.session import make_engine, make_sessionmaker, session_scope
-from tests.fixtures.services import ApiProcess, api_process, migrate, postgres_server, scratch_database
+from tests.fixtures.services import ApiProcess, scratch_api
 
 GiB = 1 << 30
 
@@ -66,17 +62,9 @@ def pdf_bomb(expanded: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ApiProcess, str]]:
-    with postgres_server() as server, scratch_database(server) as url:
-        migrate(url)
-        engine = make_engine(Settings(database_url=url), pool_size=1)
-        with session_scope(make_sessionmaker(engine)) as session:
-            _, key = keys.create(session, "bombs", "write", ["*"])
-        engine.dispose()
-        env = {**service_env, "PGSAGE_DATABASE_URL": url, "PGSAGE_QUEUE_NAME": f"pgsage-bombs-{uuid.uuid4().hex[:8]}",
-               "PGSAGE_MAX_UPLOAD_BYTES": str(16 << 20), "PGSAGE_PARSE_MEMORY_MB": "512",
-               "PGSAGE_PARSE_SECONDS": "30"}
-        with api_process(env, tmp_path_factory.mktemp("bombs") / "api.log") as base:
-            yield base, key
+    env = {"PGSAGE_MAX_UPLOAD_BYTES": str(16 << 20), "PGSAGE_PARSE_MEMORY_MB": "512", "PGSAGE_PARSE_SECONDS": "30"}
+    with scratch_api(service_env, tmp_path_factory.mktemp("bombs") / "api.log", "write", **env) as (base, key):
+        yield base, key
 
 
 def test_bombs_are_refused_while_the_api_stays_small_and_answers(api: tuple[ApiProcess, str]) -> None:

@@ -296,21 +296,6 @@ class JobError(BaseModel):
     error: str | None
 
 
-class JobOut(BaseModel):
-    id: uuid.UUID
-    kind: str
-    collection: str | None
-    state: Literal["queued", "running", "succeeded", "failed", "completed_with_errors"]
-    total: int
-    done: int
-    indexed: int
-    unchanged: int
-    failed: int
-    created_at: datetime
-    updated_at: datetime
-    errors: list[JobError]
-
-
 class CollectionOut(BaseModel):
     name: str
     documents: int
@@ -350,6 +335,10 @@ class JobSummary(BaseModel):
     failed: int
     created_at: datetime
     updated_at: datetime
+
+
+class JobOut(JobSummary):
+    errors: list[JobError]
 
 
 class JobPage(BaseModel):

@@ -10,7 +10,6 @@ What exceeds the budget is refused with a 413 that names the setting; the API is
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import resource
@@ -21,8 +20,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.errors import AppError, BadInput, TooLarge, UnsupportedMedia
-
-log = logging.getLogger(__name__)
 
 _ERRORS: dict[str, type[AppError]] = {e.__name__: e for e in (BadInput, TooLarge, UnsupportedMedia)}
 _PRELOAD = ["app.ingest.load", "bs4", "pypdf"]
