@@ -353,6 +353,8 @@ class Chunker:
     def _spans(text: str, pieces: list[tuple[int, int, int, tuple[str, ...]]], *, pages: bool) -> list[ChunkSpan]:
         chunks: list[ChunkSpan] = []
         for s, e, n, path in pieces:
+            if n == 0:  # only characters the tokenizer drops (control or zero-width ones): nothing to embed
+                continue
             first = last = None
             if pages:
                 first = text.count(PAGE_BREAK, 0, s) + 1

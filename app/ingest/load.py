@@ -139,7 +139,8 @@ def _decode(data: bytes, name: str) -> str:
 
 
 def _clean(text: str) -> str:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # U+FEFF (a byte-order mark, or a zero-width no-break space) is no text: alone it made a chunk of no tokens.
+    text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
     text = re.sub(r"[ \t\f\v]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
