@@ -27,6 +27,7 @@ from app.ingest import sandbox
 from app.query.pipeline import QueryPipeline
 from app.reindex import spaces
 from app.reindex.plan import plan
+from app.ui import router as console
 
 log = logging.getLogger(__name__)
 
@@ -153,4 +154,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(documents.router)
     app.include_router(search.router)
     app.include_router(admin.router)
+    app.include_router(console)  # the web console at /ui (no API operations: not in the schema)
     return app
