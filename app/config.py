@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_documents_per_request: int = Field(default=10_000, ge=1)
     ingest_batch_documents: int = Field(default=256, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)
+    # A deleted collection's documents go this many per transaction (short locks, steady progress).
+    delete_batch_documents: int = Field(default=500, ge=1, le=100_000)
     # A worker's claim on a document lasts this long; a document whose worker died is sent again after it.
     ingest_lease_seconds: int = Field(default=900, ge=5)
     # A document that kills its worker this many times (a crash, a time limit) fails with its error.
@@ -93,6 +95,9 @@ class Settings(BaseSettings):
     # stays within answer_max_words words.
     answer_max_sentences: int = Field(default=2, ge=1, le=20)
     answer_max_words: int = Field(default=60, ge=5, le=1000)
+
+    # When set, GET /metrics needs `Authorization: Bearer <this>` (Prometheus: `authorization.credentials`).
+    metrics_token: SecretStr | None = None
 
     # Optional OpenAI-compatible LLM for generated answers.
     llm_base_url: str | None = None

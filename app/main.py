@@ -24,6 +24,7 @@ from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import EmbedderPool
 from app.errors import AppError
 from app.ingest import sandbox
+from app.metrics import RequestMetrics, service_registry
 from app.query.pipeline import QueryPipeline
 from app.reindex import spaces
 from app.reindex.plan import plan
@@ -73,6 +74,7 @@ def build_resources(settings: Settings) -> Resources:
         limiter=make_limiter(
             settings.redis_url, settings.rate_limit_per_minute, settings.rate_limit_burst, settings.queue_name
         ),
+        metrics=service_registry(factory, settings.redis_url, settings.queue_name),
         failures=make_limiter(
             settings.redis_url, settings.auth_failures_per_minute, settings.auth_failures_burst,
             f"{settings.queue_name}:auth-failures",
@@ -150,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _error(503, "unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"})
 
     app.add_middleware(BodySizeLimit, settings=settings)
+    app.add_middleware(RequestMetrics)  # added last, so outermost: it sees every answer, refusals included
     app.include_router(health.router)
     app.include_router(documents.router)
     app.include_router(search.router)

@@ -72,7 +72,7 @@ def _v1_routes(client: TestClient) -> list[tuple[str, str]]:
 def _fill(path: str) -> str:
     return path.replace("{document_id}", str(uuid.uuid4())).replace("{job_id}", str(uuid.uuid4())).replace(
         "{key_id}", str(uuid.uuid4())
-    )
+    ).replace("{name}", "no-such-collection")
 
 
 def test_every_v1_endpoint_needs_a_key(client: TestClient, anonymous: TestClient) -> None:
@@ -115,6 +115,9 @@ def test_a_key_for_collection_a_cannot_see_or_change_b(client: TestClient, world
         "read-job": c.get(f"/v1/jobs/{world.job_b}"),
         "list-documents": c.get("/v1/documents", params={"collection": world.b}),
         "list-jobs": c.get("/v1/jobs", params={"collection": world.b}),
+        "delete-collection": c.delete(f"/v1/collections/{world.b}"),
+        "delete-collection-as-a-admin": _as(client, make_key(client, "admin", [world.a])).delete(
+            f"/v1/collections/{world.b}"),
         "reindex": c.post("/v1/admin/reindex"),
         "reindex-status": c.get("/v1/admin/reindex"),
         "keys": c.get("/v1/admin/keys"),

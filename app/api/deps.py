@@ -27,6 +27,7 @@ class Resources:
     celery: Any
     limiter: Limiter  # requests per key
     failures: Limiter  # requests without a valid key, per client address
+    metrics: Any  # the service-wide collectors of /metrics (app.metrics.service_registry)
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency on its thread pool, and

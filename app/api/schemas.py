@@ -401,6 +401,15 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None
 
 
+class MeOut(BaseModel):
+    """The calling key: what it may do and where, so a client offers only what the key can do."""
+
+    id: uuid.UUID
+    name: str
+    role: str = Field(description="read < write < admin")
+    collections: list[str] = Field(description='The collections the key reaches; ["*"] for all.')
+
+
 class KeyCreated(KeyOut):
     key: str = Field(description="The key itself; shown only now, only its hash is stored.")
 

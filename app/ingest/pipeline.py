@@ -17,6 +17,7 @@ from app.embedding import Embedder, EmbedderPool, chunker_key
 from app.ingest import store
 from app.ingest.chunk import Chunker, ChunkSpan
 from app.ingest.embed import Embedded, embed_documents
+from app.metrics import record_counts
 from app.reindex import spaces
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,11 @@ class IngestPipeline:
             # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
             with session_scope(self.factory) as session:
                 store.settle_job_items(session, job_id, doc_ids)
+        record_counts(self.factory, {
+            ("ingest_documents", "indexed"): outcome.indexed, ("ingest_documents", "failed"): outcome.failed,
+            ("ingest_documents", "skipped"): outcome.skipped, ("ingest_chunks", ""): timings["chunks"],
+            ("embedding_seconds", "ingest"): timings["embed"], ("embedded_chunks", "ingest"): timings["chunks"],
+        })
         log.info(
             "ingest batch: %d documents, %d chunks (%d indexed, %d failed, %d skipped); "
             "load %.3fs chunk %.3fs embed %.3fs store %.3fs",

@@ -385,9 +385,20 @@ def mark_failed(session: Session, doc_id: uuid.UUID, error: str, content_hash: s
     )
 
 
+# A collection being deleted is renamed to this prefix at once (no name a client can send starts with it),
+# so its name is free again and nothing reaches its documents while a worker removes them in batches.
+DELETING = "~deleting~"
+LIVE = f"(c.name IS NULL OR c.name NOT LIKE '{DELETING}%')"
+
 # Reads and writes by id are limited to the collections the caller's key reaches (None: all); a
 # document or job elsewhere is reported as not existing, so ids leak nothing across collections.
-VISIBLE = "(CAST(:visible AS text[]) IS NULL OR c.name = ANY(CAST(:visible AS text[])))"
+VISIBLE = "(CAST(:visible AS text[]) IS NULL OR c.name = ANY(CAST(:visible AS text[]))) AND " + LIVE
+
+
+def _job_visible(job: str) -> str:
+    """VISIBLE for jobs: a collection-delete job outlives its collection and keeps the name in its params."""
+    return (f"(CAST(:visible AS text[]) IS NULL OR coalesce(c.name, {job}.params->>'collection') "
+            f"= ANY(CAST(:visible AS text[]))) AND {LIVE}")
 
 
 def get_document(session: Session, doc_id: uuid.UUID, visible: Sequence[str] | None = None) -> dict[str, Any]:
@@ -430,8 +441,9 @@ def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | N
     job = (
         session.execute(
             text(
-                "SELECT j.id, j.kind, j.created_at, c.name AS collection FROM jobs j "
-                "LEFT JOIN collections c ON c.id = j.collection_id WHERE j.id = :id AND " + VISIBLE
+                "SELECT j.id, j.kind, j.created_at, j.params, coalesce(c.name, j.params->>'collection') "
+                "AS collection FROM jobs j LEFT JOIN collections c ON c.id = j.collection_id "
+                "WHERE j.id = :id AND " + _job_visible("j")
             ),
             {"id": job_id, "visible": visible},
         )
@@ -440,6 +452,8 @@ def job_progress(session: Session, job_id: uuid.UUID, visible: Sequence[str] | N
     )
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
+    if job["kind"] == "delete":
+        return {**_delete_summary(session, job), "errors": []}
     counts = (
         session.execute(
             text(
@@ -492,6 +506,83 @@ def _job_summary(job: Any, counts: Any) -> dict[str, Any]:
         "failed": failed,
         "updated_at": counts["updated_at"] or job["created_at"],
     }
+
+
+def _delete_summary(session: Session, job: Any) -> dict[str, Any]:
+    """A collection-delete job's progress: its documents at the start, and how many are left."""
+    params = job["params"]
+    left = 0
+    if "finished_at" not in params:
+        left = session.execute(text("SELECT count(*) FROM documents WHERE collection_id = :c"),
+                               {"c": params["collection_id"]}).scalar_one()
+    total = int(params["documents"])
+    done = max(0, total - left)
+    finished = "finished_at" in params
+    return {
+        "id": job["id"],
+        "kind": job["kind"],
+        "collection": params["collection"],
+        "created_at": job["created_at"],
+        "state": "succeeded" if finished else ("running" if done else "queued"),
+        "total": total,
+        "done": total if finished else done,
+        "indexed": 0,
+        "unchanged": 0,
+        "failed": 0,
+        "updated_at": datetime.fromisoformat(params.get("updated_at") or job["created_at"].isoformat()),
+    }
+
+
+def start_collection_delete(session: Session, name: str, visible: Sequence[str] | None) -> uuid.UUID:
+    """Take a collection out of reach at once and record a job to remove its contents.
+
+    The collection is renamed to a DELETING name in this transaction: its name is free for a new collection
+    at once, and no search, ask, upload or listing reaches it; the worker deletes the rest in batches.
+    """
+    row = session.execute(
+        text(f"SELECT c.id, (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS documents "
+             f"FROM collections c WHERE c.name = :n AND {VISIBLE} FOR UPDATE OF c"),
+        {"n": name, "visible": visible},
+    ).mappings().first()
+    if row is None:
+        raise NotFound(f"collection {name!r} does not exist")
+    session.execute(text("UPDATE collections SET name = :tomb WHERE id = :id"),
+                    {"id": row["id"], "tomb": f"{DELETING}{row['id']}~{name}"})
+    return create_job(session, "delete", None, {"collection": name, "collection_id": row["id"],
+                                                "documents": row["documents"]})
+
+
+def delete_collection_batch(session: Session, job_id: uuid.UUID, batch: int) -> int:
+    """Delete up to `batch` documents of the job's collection (chunks, vectors and postings cascade), or,
+    once none is left, the collection itself (its ingest jobs cascade) and mark the job finished.
+    Returns the documents deleted; 0 means the job is done. Safe to run again after a crash."""
+    params = session.execute(text("SELECT params FROM jobs WHERE id = :id AND kind = 'delete' FOR UPDATE"),
+                             {"id": job_id}).scalar()
+    if params is None or "finished_at" in params:
+        return 0
+    cid = params["collection_id"]
+    deleted = session.execute(
+        text("DELETE FROM documents WHERE id IN (SELECT id FROM documents WHERE collection_id = :c LIMIT :n)"),
+        {"c": cid, "n": batch},
+    ).rowcount  # type: ignore[attr-defined]
+    now = "now()" if deleted else "now(), 'finished_at', now()"
+    if not deleted:
+        session.execute(text("DELETE FROM collections WHERE id = :c AND name LIKE :tomb"),
+                        {"c": cid, "tomb": f"{DELETING}%"})
+    session.execute(text(f"UPDATE jobs SET params = params || jsonb_build_object('updated_at', {now}) "
+                         "WHERE id = :id"), {"id": job_id})
+    return int(deleted)
+
+
+def stalled_collection_deletes(session: Session, older_than_minutes: int) -> list[uuid.UUID]:
+    """Collection-delete jobs not finished and not advanced for a while (their task was lost)."""
+    rows = session.execute(
+        text("SELECT id FROM jobs WHERE kind = 'delete' AND NOT params ? 'finished_at' "
+             "AND coalesce((params->>'updated_at')::timestamptz, created_at) "
+             "    < now() - make_interval(mins => :m)"),
+        {"m": older_than_minutes},
+    ).scalars().all()
+    return list(rows)
 
 
 def _page_after(cursor: tuple[datetime, uuid.UUID] | None, column: str, params: dict[str, Any]) -> str:
@@ -550,7 +641,7 @@ def list_jobs(
     params: dict[str, Any] = {"visible": visible, "coll": collection, "limit": limit}
     rows = session.execute(
         text(f"""
-        SELECT x.id, x.kind, x.created_at, c.name AS collection, i.*
+        SELECT x.id, x.kind, x.created_at, x.params, coalesce(c.name, x.params->>'collection') AS collection, i.*
           FROM jobs x LEFT JOIN collections c ON c.id = x.collection_id
           CROSS JOIN LATERAL (
               SELECT count(*) AS total,
@@ -559,14 +650,14 @@ def list_jobs(
                      count(*) FILTER (WHERE status = 'failed') AS failed,
                      max(updated_at) AS updated_at
                 FROM job_documents WHERE job_id = x.id) i
-         WHERE {VISIBLE}
-           AND (CAST(:coll AS text) IS NULL OR c.name = :coll)
+         WHERE {_job_visible("x")}
+           AND (CAST(:coll AS text) IS NULL OR coalesce(c.name, x.params->>'collection') = :coll)
            {_page_after(cursor, "x.created_at", params)}
          ORDER BY x.created_at DESC, x.id DESC
          LIMIT :limit"""),
         params,
     ).mappings().all()
-    return [_job_summary(r, r) for r in rows]
+    return [_delete_summary(session, r) if r["kind"] == "delete" else _job_summary(r, r) for r in rows]
 
 
 def status_summary(
@@ -602,7 +693,7 @@ def status_summary(
                                                WHERE i.job_id = j.id AND i.status = 'pending')) AS running
           FROM jobs j LEFT JOIN collections c ON c.id = j.collection_id
          WHERE """
-                + VISIBLE
+                + _job_visible("j")
             ),
             {"visible": visible},
         )

@@ -5,6 +5,7 @@ from app.models.collection import Collection
 from app.models.document import Chunk, ChunkPosting, Document, LexicalPosting
 from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel, SentenceVector
 from app.models.job import Job, JobDocument
+from app.models.metric import ServiceCounter
 from app.models.reindex import ReindexJob
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "LexicalPosting",
     "ReindexJob",
     "SentenceVector",
+    "ServiceCounter",
 ]

@@ -12,8 +12,9 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.embedding import EmbedderPool, chunker_key, torch_threads
+from app.embedding import Embedder, EmbedderPool, chunker_key, torch_threads
 from app.errors import Unavailable
+from app.metrics import QUERY_EMBEDDING
 from app.models import EmbeddingModel
 from app.query import retrieve
 from app.query.answer import NO_ANSWER, Answer, AnswerEvent, ExtractiveAnswerer, LLMAnswerer, answer_events
@@ -139,7 +140,7 @@ class QueryPipeline:
         # leg in Postgres: torch and Postgres both release the GIL, so the two overlap. The configured
         # model is the active space's except during a re-index's switch, checked below.
         configured = self.embedders.configured
-        pending = self.encoder.submit(configured.encode, [req.query])
+        pending = self.encoder.submit(_timed_encode, configured, req.query)
         time.sleep(0)  # hand the GIL to the encoder thread now, not when this one next waits on Postgres
         cid, space = retrieve.collection_and_space(session, req.collection, plan_once=not req.filters)
         try:
@@ -150,7 +151,7 @@ class QueryPipeline:
         def query_vector() -> Any:
             """The query's vector in the active space (every mode needs it: a lexical hit shows its similarity)."""
             vector = pending.result()[0]
-            return vector if embedder is configured else embedder.encode([req.query])[0]
+            return vector if embedder is configured else _timed_encode(embedder, req.query)[0]
 
         if (req.group or self.settings.search_group) == "passage":
             return self._passages(session, req, opts, cid, space, query_vector)
@@ -317,3 +318,9 @@ class QueryPipeline:
         sentences = retrieve.sentence_scores(session, result.space, result.query_vector,
                                              result.idf, [h.chunk_id for h in relevant])
         return self.extractive.answer(relevant, sentences)
+
+
+def _timed_encode(embedder: Embedder, query: str) -> Any:
+    """The query's vector, its time in the query-embedding histogram of /metrics."""
+    with QUERY_EMBEDDING.time():
+        return embedder.encode([query])

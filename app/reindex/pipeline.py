@@ -19,6 +19,7 @@ from app.ingest.chunk import Chunker
 from app.ingest.embed import embed_documents
 from app.ingest.pipeline import chunker_for, split_document
 from app.ingest.store import ChunkSet, PendingDocument
+from app.metrics import add_counts, record_counts
 from app.models import EmbeddingModel
 from app.reindex import backfill, quality, spaces
 from app.reindex.switch import switch
@@ -147,8 +148,12 @@ class ReindexPipeline:
                     # Past the end: sweep from the start for chunks written out of id order meanwhile.
                     sweeping = True
                     continue
+                t0 = time.perf_counter()
                 [vectors] = embed_documents(embedder, [batch.chunks])
+                seconds = time.perf_counter() - t0
                 with session_scope(self.factory) as session:
+                    add_counts(session, {("embedding_seconds", "reindex"): seconds,
+                                         ("embedded_chunks", "reindex"): len(batch.chunks)})
                     embedded += backfill.write_batch(
                         session, job_id, target.id, batch, vectors, advance_cursor=not sweeping
                     )
@@ -175,7 +180,10 @@ class ReindexPipeline:
     ) -> int:
         """Chunk and embed a batch of documents into the new chunk set; each written in its own transaction."""
         chunked = [split_document(chunker, doc) for doc in docs]
+        t0 = time.perf_counter()
         vectors = embed_documents(embedder, chunked)
+        record_counts(self.factory, {("embedding_seconds", "reindex"): time.perf_counter() - t0,
+                                     ("embedded_chunks", "reindex"): sum(len(c) for c in chunked)})
         added = 0
         for doc, chunks, embedded in zip(docs, chunked, vectors, strict=True):
             if not chunks:

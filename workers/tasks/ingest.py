@@ -28,6 +28,29 @@ def process_documents(self: object, job_id: str | None, document_ids: list[str])
     return {"indexed": outcome.indexed, "failed": outcome.failed, "skipped": outcome.skipped}
 
 
+@celery_app.task(
+    name="collections.delete",
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=8,
+)
+def delete_collection(job_id: str) -> int:
+    """Remove a deleted collection's documents in batches, then the collection; safe to run twice."""
+    from app.config import get_settings
+    from app.db.session import session_scope
+    from app.ingest import store
+
+    job, batch, total = uuid.UUID(job_id), get_settings().delete_batch_documents, 0
+    while True:
+        with session_scope(resources().factory) as session:
+            deleted = store.delete_collection_batch(session, job, batch)
+        if not deleted:
+            log.info("collection delete %s finished: %d documents removed", job_id, total)
+            return total
+        total += deleted
+
+
 @celery_app.task(name="ingest.requeue_stalled")
 def requeue_stalled() -> int:
     """Send again the documents whose task was lost or whose worker died; processing is idempotent."""
@@ -43,4 +66,9 @@ def requeue_stalled() -> int:
         process_documents.delay(None, [str(d) for d in ids[i : i + batch]])
     if ids:
         log.warning("re-queued %d stalled documents", len(ids))
+    with session_scope(resources().factory) as session:
+        deletes = store.stalled_collection_deletes(session, settings.ingest_stall_minutes)
+    for job in deletes:
+        log.warning("re-sending collection delete %s: it has not advanced", job)
+        delete_collection.delay(str(job))
     return len(ids)

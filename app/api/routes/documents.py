@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from python_multipart.exceptions import FormParserError
@@ -30,6 +30,7 @@ from app.api.schemas import (
     IngestAccepted,
     JobOut,
     JobPage,
+    MeOut,
     error_responses,
 )
 from app.config import Settings
@@ -214,6 +215,26 @@ def list_collections(principal: Reader, session: SessionDep) -> list[dict[str, A
     return store.list_collections(session, principal.visible)
 
 
+@router.delete("/collections/{name}", status_code=202, response_model=JobOut,
+               summary="Delete a collection: its documents, chunks, vectors and postings, in the background")
+def delete_collection(
+    name: Annotated[str, Path(max_length=64, pattern=COLLECTION_PATTERN)], principal: Reader,
+    resources: ResourcesDep,
+) -> dict[str, Any]:
+    """The collection is out of reach (and its name free) when this answers; a worker removes its contents in
+    batches. Follow the job at /v1/jobs/{id}. Needs an admin key that reaches the collection."""
+    check_collection(principal, name, "admin")
+    with session_scope(resources.factory) as session:
+        job_id = store.start_collection_delete(session, name, principal.visible)
+    try:
+        resources.celery.send_task("collections.delete", args=[str(job_id)])
+    except Exception:
+        # The job is recorded: the periodic check sends a delete that has not advanced again.
+        log.exception("could not enqueue the delete of collection %s (job %s); it will be re-sent", name, job_id)
+    with session_scope(resources.factory) as session:
+        return store.job_progress(session, job_id, principal.visible)
+
+
 @router.get("/documents", response_model=DocumentPage,
             summary="Documents, newest change first, by collection, status or title/id (keyset pages)")
 def list_documents(
@@ -261,6 +282,12 @@ def delete_document(document_id: uuid.UUID, principal: Writer, session: SessionD
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A job's state, counts and errors")
 def read_job(job_id: uuid.UUID, principal: Reader, session: SessionDep) -> dict[str, Any]:
     return store.job_progress(session, job_id, principal.visible)
+
+
+@router.get("/me", response_model=MeOut, summary="The calling key: its name, role and collections")
+def read_me(principal: Reader) -> dict[str, Any]:
+    return {"id": principal.key_id, "name": principal.name, "role": principal.role,
+            "collections": list(principal.collections)}
 
 
 @router.get("/status", summary="Collections, documents, chunks, jobs and embedding models")

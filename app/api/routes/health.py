@@ -1,17 +1,19 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
 from app.api.deps import Resources, ResourcesDep
 from app.api.schemas import error_responses
 from app.db.session import session_scope
-from app.errors import Unavailable
+from app.errors import Unauthorized, Unavailable
+from app.metrics import exposition
 from app.reindex.plan import configuration_state
 
 router = APIRouter(tags=["health"])
@@ -52,3 +54,15 @@ async def readyz(resources: ResourcesDep) -> dict[str, Any]:
     if any(v != "ok" for k, v in checks.items() if k != "model"):
         raise Unavailable("not ready", detail=checks)
     return {"status": "ready", **checks}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, resources: ResourcesDep) -> Response:
+    """Prometheus text format: this process's requests and the service-wide figures (see app/metrics.py)."""
+    token = resources.settings.metrics_token
+    if token is not None:
+        sent = request.headers.get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token.get_secret_value()}".encode()):
+            raise Unauthorized("/metrics needs `Authorization: Bearer <PGSAGE_METRICS_TOKEN>`")
+    body = await run_in_threadpool(exposition, resources.metrics)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
