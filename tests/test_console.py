@@ -48,22 +48,28 @@ def console(service_env: dict[str, str], worker: WorkerProcess, tmp_path_factory
 
 
 @pytest.fixture(scope="module")
-def make_key(service_env: dict[str, str]) -> Iterator[Callable[..., str]]:
-    """Real API keys, written to the database the API process uses."""
-    from app import keys
+def keyring(service_env: dict[str, str]) -> Iterator[Any]:
+    """Sessions on the database the API process uses, to make and revoke real keys there."""
     from app.config import get_settings
-    from app.db.session import make_engine, make_sessionmaker, session_scope
+    from app.db.session import make_engine, make_sessionmaker
 
     engine = make_engine(get_settings(), pool_size=1)
-    factory = make_sessionmaker(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def make_key(keyring: Any) -> Callable[..., str]:
+    """A real API key: make_key(role, collections, name)."""
+    from app import keys
+    from app.db.session import session_scope
 
     def make(role: str, collections: list[str], name: str | None = None) -> str:
-        with session_scope(factory) as session:
+        with session_scope(keyring) as session:
             _, key = keys.create(session, name or f"console {role}", role, collections)
         return key
 
-    yield make
-    engine.dispose()
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +274,21 @@ def test_admin_creates_a_key_shown_once_revokes_it_and_it_is_refused(
     expect(page.locator("#signin-error")).to_contain_text("not valid, or has been revoked")
     expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     screenshot(page, "revoked-key-refused")
+
+
+def test_a_key_revoked_while_signed_in_signs_out_with_the_reason(
+    page: Page, console: str, make_key: Callable[..., str], keyring: Any, seeded: dict[str, str]
+) -> None:
+    from app import keys
+    from app.db.session import session_scope
+
+    key = make_key("read", [seeded["ask"]], "console soon revoked")
+    sign_in(page, console, key)
+    expect(page.locator("#ask-collection")).to_have_value(seeded["ask"])
+    with session_scope(keyring) as session:
+        keys.revoke(session, key)
+    page.get_by_role("link", name="Documents").click()  # its next request meets a 401
+    expect(page.locator("#signin-error")).to_have_text("the API key is not valid, or has been revoked")
+    expect(page.get_by_label("API key")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0  # the key is forgotten
+    screenshot(page, "signed-out-by-401")

@@ -171,8 +171,10 @@ function uploadPanel(session, ready) {
     h("h2", { id: "upload-title" }, "Upload"),
     h("div", { class: "upload-controls" },
       h("label", { for: "upload-collection" }, "Into collection"), collection, names,
-      h("label", { for: "upload-files", class: "button" }, "Choose files…"), filesInput,
-      h("label", { for: "upload-folder", class: "button" }, "Choose a folder…"), folderInput),
+      // The inputs sit inside their labels, visually hidden: the label is the button, and shows their focus.
+      h("label", { class: "button" }, "Choose files…", filesInput),
+      h("label", { class: "button" }, "Choose a folder…", folderInput),
+      h("button", { type: "button", class: "secondary", onclick: () => uploads.clearFinished() }, "Clear finished")),
     zone,
     h("p", { class: "muted" }, "A folder's files keep their paths inside it as their external ids."),
     error,

@@ -46,7 +46,8 @@ export function render(view, session) {
     summary.textContent = "Searching…";
     try {
       const out = await call("POST", "/v1/search", { json: body, signal: controller.signal });
-      summary.textContent = `${out.results.length} ${out.group === "document" ? "documents" : "passages"} · `
+      const noun = out.group === "document" ? "document" : "passage";
+      summary.textContent = `${out.results.length} ${noun}${out.results.length === 1 ? "" : "s"} · `
         + `${out.mode} · model ${out.model} · rerank ${out.rerank}`;
       replace(results, out.results.map(result));
       results.dataset.done = "true";

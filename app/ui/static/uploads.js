@@ -32,6 +32,15 @@ export function element() {
   return list;
 }
 
+const FINISHED = new Set(["indexed", "unchanged", "failed", "partial"]);
+
+/** Remove the rows of uploads that have settled. */
+export function clearFinished() {
+  for (const row of [...element().children]) {
+    if (FINISHED.has(row.dataset.state)) row.remove();
+  }
+}
+
 /** Be told when an upload's job settles (to refresh the documents shown); returns the unsubscriber. */
 export function onSettled(listener) {
   settled.add(listener);
