@@ -49,6 +49,8 @@ def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         **os.environ,
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
+        # No model-loading progress bars in service logs.
+        "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
         **(extra or {}),
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -158,18 +160,23 @@ def up(
     if embedded:
         from app.embedded import embedded_database_url
 
-        typer.echo(f"database: embedded PostgreSQL + pgvector under {settings.data_dir.resolve() / 'pg'}")
         env["PGSAGE_DATABASE_URL"] = embedded_database_url(settings.data_dir)
+        typer.echo(f"database: embedded PostgreSQL + pgvector under {settings.data_dir.resolve() / 'pg'}")
     else:
-        typer.echo("database: DATABASE_URL")
+        typer.echo("database: PostgreSQL at DATABASE_URL")
     if settings.redis_url:
         typer.echo(f"broker:   Redis at {settings.redis_url}")
     else:
         typer.echo(f"broker:   file-system queue under {settings.broker_dir} (set REDIS_URL to use Redis)")
     _alembic_upgrade(env.get("PGSAGE_DATABASE_URL"))
-    typer.echo("migrations applied")
+    typer.echo("schema:   migrations applied")
 
     child_env = _python_env(env)
+    if embedded and os.geteuid() == 0:
+        # Celery warns at length about a worker running as root; on the embedded default (one machine, JSON-only
+        # tasks) there is nothing to act on. Production runs the worker as its own user (see the Dockerfile).
+        child_env["PYTHONWARNINGS"] = ",".join(filter(None, [child_env.get("PYTHONWARNINGS"),
+                                                             "ignore:You're running the worker with superuser"]))
     procs = [
         subprocess.Popen(
             _celery_argv(
@@ -236,9 +243,12 @@ def up(
     # Also when started in the background, where a shell leaves SIGINT ignored.
     signal.signal(signal.SIGINT, on_term)
     try:
-        typer.echo("starting the worker and the API (loading the embedding model)...")
+        plural = "es" if settings.worker_concurrency > 1 else ""
+        typer.echo(f"worker:   {settings.worker_concurrency} process{plural} and beat started "
+                   "(loading the embedding model)")
         _wait_ready(url, procs)
-        typer.echo(f"pgsage is up at {url}  (API docs: {url}/docs)")
+        typer.echo(f"api:      {url}  (OpenAPI docs at {url}/docs, metrics at {url}/metrics)")
+        typer.echo(f"console:  {url}/ui  (sign in with an API key)")
         _first_key_hint(env.get("PGSAGE_DATABASE_URL"), data_dir)
         if demo:
             _demo(url, env.get("PGSAGE_DATABASE_URL"))
@@ -265,7 +275,8 @@ def _demo(url: str, database: str | None) -> None:
             row, key = keys.create(session, "pgsage up demo", "write", ["docs"])
         try:
             with _client(url, key) as client:
-                failures = _ingest_files(client, [(f, f.name) for f in files], "docs", {}, wait=True)
+                failures = _ingest_files(client, [(f, f.name) for f in files], "docs", {}, wait=True,
+                                         progress=False)
                 if failures:
                     raise typer.Exit(1)
                 typer.echo(f"\n$ pgsage ask --collection docs {json.dumps(DEMO_QUESTION)}")
@@ -354,13 +365,15 @@ def _distinct(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
 
 def _ingest_files(
     client: httpx.Client, files: list[tuple[Path, str]], collection: str, metadata: dict[str, Any], *,
-    wait: bool, err: bool = False,
+    wait: bool, err: bool = False, progress: bool = True,
 ) -> int:
+    """Upload the files (one job each); with wait, follow the jobs (a progress bar unless progress=False) and
+    print the outcome. Returns the number of files the API refused."""
     from tqdm import tqdm
 
     jobs: list[str] = []
     rejected: list[tuple[Path, str]] = []
-    for path, name in tqdm(files, desc="uploading", unit="file", disable=len(files) < 2):
+    for path, name in tqdm(files, desc="uploading", unit="file", disable=len(files) < 2 or not progress):
         with path.open("rb") as f:
             data = {"collection": collection, "path": name}
             if metadata:
@@ -377,7 +390,7 @@ def _ingest_files(
         return len(rejected)
 
     states: dict[str, dict[str, Any]] = {}
-    with tqdm(total=0, desc="indexing", unit="doc") as bar:
+    with tqdm(total=0, desc="indexing", unit="doc", disable=not progress) as bar:
         while True:
             for job in jobs:
                 if job not in states or states[job]["state"] in ("queued", "running"):
@@ -888,9 +901,9 @@ def _first_key_hint(url: str | None, data_dir: Path | None) -> None:
             return
     where = f"PGSAGE_DATA_DIR={data_dir} " if data_dir is not None else ""
     typer.echo(
-        "no admin API key yet. Every /v1 call needs a key; create the first admin key (shown once) with:\n"
-        f"  {where}pgsage keys create --name admin --role admin --collection '*'\n"
-        "then: export PGSAGE_API_KEY=<the key>"
+        "key:      none yet; every /v1 call and the console need one. Create the first admin key (shown once):\n"
+        f"            {where}pgsage keys create --name admin --role admin --collection '*'\n"
+        "          then: export PGSAGE_API_KEY=<the key>"
     )
 
 

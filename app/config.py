@@ -175,7 +175,7 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         """Redis when configured, else Kombu's file-system transport under the data directory."""
-        return self.redis_url or "filesystem://"
+        return self.redis_url or "filesystem://localhost/"  # the host is ignored; without one Kombu warns
 
     @property
     def broker_dir(self) -> Path:

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app import __version__
 from app.api.deps import Resources
@@ -87,11 +88,16 @@ def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None =
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
-    """The methods the OpenAPI schema documents for this concrete path."""
+    """The methods the OpenAPI schema documents for this concrete path, else those its routes take."""
     methods: set[str] = set()
     for template, operations in app.openapi()["paths"].items():
         if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), path):
             methods.update(m.upper() for m in operations)
+    if not methods:  # a path outside the schema (the console's files): ask the routes
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            scope = {"type": "http", "path": path, "root_path": "", "method": method}
+            if any(route.matches(scope)[0] == Match.FULL for route in app.routes):
+                methods.add(method)
     return sorted(methods)
 
 

@@ -79,6 +79,14 @@ def test_up_starts_the_embedded_default_and_answers_with_citations(running: tupl
     assert "broker:   file-system queue" in output
     assert "4 documents indexed, 0 unchanged, 0 failed" in output
     assert "[1] " in output.split("$ pgsage ask", 1)[1]  # the answer cites a chunk
+    # Quiet: one line per component and the console's address, nothing a user cannot act on (Celery's
+    # superuser warning when run as root, model-loading progress bars, tokenizer length warnings, Kombu's
+    # hostname warning).
+    for component in ("database:", "broker:", "schema:", "worker:", "api:", "console:"):
+        assert sum(line.startswith(component) for line in output.splitlines()) == 1, (component, output)
+    assert f"console:  {url}/ui" in output
+    for noise in ("superuser", "Warning", "WARNING", "Loading weights", "it/s]", "Token indices", "hostname"):
+        assert noise not in output, (noise, output)
     # A fresh install says how to get the first admin key; the demo's own key is revoked after it.
     assert "pgsage keys create --name admin --role admin --collection '*'" in output
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}

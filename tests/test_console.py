@@ -123,6 +123,8 @@ def test_console_files_are_public_with_a_strict_policy_and_no_api_operations(con
         paths = http.get("/openapi.json").json()["paths"]
         assert not [p for p in paths if p == "/" or p.startswith("/ui")]
         assert http.get("/v1/me").status_code == 401  # the API itself still wants a key
+        refused = http.post("/ui")
+        assert (refused.status_code, refused.headers["allow"]) == (405, "GET, HEAD")
 
 
 def test_upload_a_folder_two_files_index_and_the_broken_one_fails_with_its_reason(

@@ -240,8 +240,9 @@ class Chunker:
     def _count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
+        # verbose=False: counting a long text is no "sequence longer than the model's maximum" (nothing is cut).
         enc = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
-                             return_token_type_ids=False)
+                             return_token_type_ids=False, verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
 
     def _context_budget(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], int]:
@@ -263,6 +264,7 @@ class Chunker:
             return_offsets_mapping=True,
             return_attention_mask=False,
             return_token_type_ids=False,
+            verbose=False,
         )
         units: list[_Unit] = []
         for (start, end, para), ids, offsets in zip(spans, enc["input_ids"], enc["offset_mapping"], strict=True):
