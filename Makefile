@@ -29,7 +29,7 @@ install-service: $(SERVICE)
 install: $(STAMP)
 
 up: $(SERVICE)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pgsage up $(UP_ARGS)
+	@HF_HUB_OFFLINE=1 $(VENV)/bin/pgsage up $(UP_ARGS)
 
 # Uses Redis at REDIS_URL, or the one on 127.0.0.1:6379 when it answers.
 test: $(STAMP)
