@@ -126,6 +126,8 @@ class IngestPipeline:
             # Documents indexed by an earlier delivery, or superseded, still settle this job's items.
             with session_scope(self.factory) as session:
                 store.settle_job_items(session, job_id, doc_ids)
+        with session_scope(self.factory) as session:
+            store.compact_lexical_statistics(session)  # fold this batch's BM25 statistics deltas in
         record_counts(self.factory, {
             ("ingest_documents", "indexed"): outcome.indexed, ("ingest_documents", "failed"): outcome.failed,
             ("ingest_documents", "skipped"): outcome.skipped, ("ingest_chunks", ""): timings["chunks"],

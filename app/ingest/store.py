@@ -585,6 +585,48 @@ def stalled_collection_deletes(session: Session, older_than_minutes: int) -> lis
     return list(rows)
 
 
+# Compactions take this transaction-level advisory lock: one at a time, the others skip.
+LEXICAL_COMPACTION_LOCK = 0x70677361  # "pgsa"
+
+
+def compact_lexical_statistics(session: Session) -> bool:
+    """Fold the BM25 statistics' deltas (appended by triggers on the postings and lengths, migration 0008) into
+    their base rows; drop the deltas of collections gone and the base rows that fell to zero. One compaction at
+    a time: returns False at once when another runs. Deltas committed meanwhile wait for the next one."""
+    if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": LEXICAL_COMPACTION_LOCK}).scalar():
+        return False
+    emptied = session.execute(text("""
+        WITH moved AS (DELETE FROM lexical_df_deltas RETURNING *),
+        summed AS (
+            SELECT m.collection_id, m.scope, m.term, sum(m.delta) AS delta FROM moved m
+             WHERE EXISTS (SELECT 1 FROM collections c WHERE c.id = m.collection_id)
+             GROUP BY 1, 2, 3 HAVING sum(m.delta) <> 0
+        )
+        INSERT INTO lexical_df AS b (collection_id, scope, term, df)
+        SELECT collection_id, scope, term, delta FROM summed ORDER BY 1, 2, 3
+        ON CONFLICT (collection_id, scope, term) DO UPDATE SET df = b.df + EXCLUDED.df
+        RETURNING b.collection_id, b.scope, b.term, b.df""")).all()
+    emptied = [r for r in emptied if r.df <= 0]
+    if emptied:  # terms no item of the scope holds any more
+        session.execute(
+            text("DELETE FROM lexical_df WHERE (collection_id, scope, term) IN (SELECT * FROM unnest("
+                 "CAST(:c AS integer[]), CAST(:s AS text[]), CAST(:t AS text[]))) AND df <= 0"),
+            {"c": [r.collection_id for r in emptied], "s": [r.scope for r in emptied], "t": [r.term for r in emptied]},
+        )
+    session.execute(text("""
+        WITH moved AS (DELETE FROM lexical_size_deltas RETURNING *),
+        summed AS (
+            SELECT m.collection_id, m.scope, sum(m.n) AS n, sum(m.total) AS total FROM moved m
+             WHERE EXISTS (SELECT 1 FROM collections c WHERE c.id = m.collection_id)
+             GROUP BY 1, 2
+        )
+        INSERT INTO lexical_size AS b (collection_id, scope, n, total)
+        SELECT collection_id, scope, n, total FROM summed ORDER BY 1, 2
+        ON CONFLICT (collection_id, scope) DO UPDATE SET n = b.n + EXCLUDED.n, total = b.total + EXCLUDED.total"""))
+    session.execute(text("DELETE FROM lexical_size WHERE n <= 0 AND total <= 0"))  # one row per scope: small
+    return True
+
+
 def _page_after(cursor: tuple[datetime, uuid.UUID] | None, column: str, params: dict[str, Any]) -> str:
     """The keyset condition of a newest-first page: rows strictly after the cursor's (time, id)."""
     if cursor is None:

@@ -2,7 +2,14 @@
 
 from app.models.apikey import ApiKey
 from app.models.collection import Collection
-from app.models.document import Chunk, ChunkPosting, Document, LexicalPosting
+from app.models.document import (
+    Chunk,
+    ChunkPosting,
+    Document,
+    LexicalDf,
+    LexicalPosting,
+    LexicalSize,
+)
 from app.models.embedding import ChunkVector, DocumentVector, EmbeddingModel, SentenceVector
 from app.models.job import Job, JobDocument
 from app.models.metric import ServiceCounter
@@ -19,7 +26,9 @@ __all__ = [
     "EmbeddingModel",
     "Job",
     "JobDocument",
+    "LexicalDf",
     "LexicalPosting",
+    "LexicalSize",
     "ReindexJob",
     "SentenceVector",
     "ServiceCounter",

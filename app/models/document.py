@@ -6,11 +6,13 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     Sequence,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -117,3 +119,41 @@ class LexicalPosting(Base):
     )
     tf: Mapped[int] = mapped_column(Integer)
     doc_length: Mapped[int] = mapped_column(Integer)
+
+
+class LexicalDf(Base):
+    """A term's document frequency in a collection's scope ('' documents, else a chunk set's chunker), as of the
+    last compaction; triggers on the postings append lexical_df_deltas rows, compaction folds them in."""
+
+    __tablename__ = "lexical_df"
+
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True)
+    scope: Mapped[str] = mapped_column(Text, primary_key=True)
+    term: Mapped[str] = mapped_column(Text, primary_key=True)
+    df: Mapped[int] = mapped_column(BigInteger)
+
+
+class LexicalSize(Base):
+    """A collection scope's items with terms (n) and their total length, as of the last compaction."""
+
+    __tablename__ = "lexical_size"
+
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True)
+    scope: Mapped[str] = mapped_column(Text, primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)
+
+
+# Changes not yet compacted, appended by triggers (no key: writers never wait on each other).
+lexical_df_deltas = Table(
+    "lexical_df_deltas", Base.metadata,
+    Column("collection_id", Integer, nullable=False), Column("scope", Text, nullable=False),
+    Column("term", Text, nullable=False), Column("delta", BigInteger, nullable=False),
+    Index("ix_lexical_df_deltas", "collection_id", "scope", "term"),
+)
+lexical_size_deltas = Table(
+    "lexical_size_deltas", Base.metadata,
+    Column("collection_id", Integer, nullable=False), Column("scope", Text, nullable=False),
+    Column("n", BigInteger, nullable=False), Column("total", BigInteger, nullable=False),
+    Index("ix_lexical_size_deltas", "collection_id", "scope"),
+)

@@ -165,9 +165,25 @@ def dense_chunks(
 
 # Postgres's English analyser (stop-words, Snowball stems): the same one the store indexes with.
 TEXT_SEARCH_CONFIG = "pg_catalog.english"
-# The collection's document count and average length in terms (documents not yet indexed have length 0).
-_DOCUMENT_STATS = ("SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl "
-                   "FROM documents WHERE collection_id = :cid AND lexical_length > 0")
+
+
+def _size(scope: str) -> str:
+    """A scope's item count n (items with terms) and average length avgdl, as maintained with the postings
+    (migration 0008): its base row plus the deltas not yet compacted. Scope '' is the collection's documents,
+    a chunker's name its chunk set."""
+    return (f"SELECT greatest(sum(n), 0)::float8 AS n, greatest(sum(total)::float8 / nullif(sum(n), 0), 1) AS avgdl "
+            f"FROM (SELECT n, total FROM lexical_size WHERE collection_id = :cid AND scope = {scope} UNION ALL "
+            f"SELECT n, total FROM lexical_size_deltas WHERE collection_id = :cid AND scope = {scope}) x")
+
+
+def _df(scope: str, term: str) -> str:
+    """A term's document frequency in the scope, as maintained with the postings (base row plus deltas)."""
+    return (f"(SELECT coalesce(sum(v), 0) FROM (SELECT df AS v FROM lexical_df WHERE collection_id = :cid "
+            f"AND scope = {scope} AND term = {term} UNION ALL SELECT delta FROM lexical_df_deltas "
+            f"WHERE collection_id = :cid AND scope = {scope} AND term = {term}) x)")
+
+
+_DOCUMENT_STATS = _size("''")
 
 
 def _idf(df: str) -> str:
@@ -193,8 +209,8 @@ def lexical_documents(
 ) -> list[tuple[uuid.UUID, float]]:
     """The n best documents by BM25 (Lucene's IDF), best first; `within` scores only those documents.
 
-    IDF and the average length come from the collection's live postings, so they follow every
-    document that arrives or leaves.
+    IDF and the average length are maintained with the postings, so they follow every document that
+    arrives or leaves, and no query scans for them.
     """
     params: dict[str, Any] = {"q": query, "cid": collection_id, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
@@ -209,10 +225,7 @@ def lexical_documents(
         ), stats AS (
             {_DOCUMENT_STATS}
         ), idf AS (
-            SELECT q.term, {_idf('count(*)')} AS idf
-              FROM q CROSS JOIN stats s
-              JOIN lexical_postings p ON p.collection_id = :cid AND p.term = q.term
-             GROUP BY q.term, s.n
+            SELECT q.term, {_idf(_df("''", "q.term"))} AS idf FROM q CROSS JOIN stats s
         )
         SELECT p.document_id,
                {_bm25('doc_length')} AS score
@@ -250,17 +263,15 @@ def passage_lexical(
     term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
 
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
-    and the collection's documents', live.
+    and the collection's documents', maintained with the postings (no scan per query).
     """
     params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = c.document_id" if where else ""
     document_rows = f"""
         UNION ALL
-        SELECT 'd', NULL, NULL, t.term, {_idf('count(p.document_id)')}
+        SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
           FROM terms t CROSS JOIN ({_DOCUMENT_STATS}) s
-          LEFT JOIN lexical_postings p ON p.collection_id = :cid AND p.term = t.term
-         GROUP BY t.term, s.n
         UNION ALL
         SELECT 'D', NULL, NULL, NULL, s.avgdl FROM ({_DOCUMENT_STATS}) s""" if documents else ""
     rows = session.execute(
@@ -268,13 +279,9 @@ def passage_lexical(
         WITH terms AS (
             SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
         ), stats AS (
-            SELECT count(*)::float8 AS n, greatest(coalesce(avg(lexical_length), 1), 1)::float8 AS avgdl
-              FROM chunks WHERE collection_id = :cid AND chunker = :ck AND lexical_length > 0
+            {_size(":ck")}
         ), idf AS (
-            SELECT t.term, {_idf('count(p.chunk_id)')} AS idf
-              FROM terms t CROSS JOIN stats s
-              LEFT JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = t.term
-             GROUP BY t.term, s.n
+            SELECT t.term, {_idf(_df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
         ), scored AS (
             SELECT p.chunk_id, {_bm25('chunk_length')} AS score
               FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s

@@ -46,6 +46,8 @@ def delete_collection(job_id: str) -> int:
         with session_scope(resources().factory) as session:
             deleted = store.delete_collection_batch(session, job, batch)
         if not deleted:
+            with session_scope(resources().factory) as session:
+                store.compact_lexical_statistics(session)
             log.info("collection delete %s finished: %d documents removed", job_id, total)
             return total
         total += deleted
@@ -71,4 +73,7 @@ def requeue_stalled() -> int:
     for job in deletes:
         log.warning("re-sending collection delete %s: it has not advanced", job)
         delete_collection.delay(str(job))
+    # BM25 statistics deltas from writes outside an ingest batch (a re-index's new chunk set, a retired one).
+    with session_scope(resources().factory) as session:
+        store.compact_lexical_statistics(session)
     return len(ids)
