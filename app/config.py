@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     # thread (11.3 -> 14.2 ms here), while that thread spin-waits against Postgres and the request's own
     # work, which run beside the embedding; measured in BENCHMARKS.md (question latency).
     query_encode_threads: int = Field(default=1, ge=1, le=256)
+    # Recent query vectors kept per API process (0: none); a repeated question skips the model.
+    query_cache_size: int = Field(default=1024, ge=0, le=1_000_000)
     queue_name: str = Field(default="pgsage", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

@@ -309,3 +309,22 @@ def test_prf_reranker_runs_offline(client: TestClient, worker: Any, collection: 
     assert hits[-1]["external_id"] == "c"
     r = client.post("/v1/search", json={"query": "bones", "collection": collection, "rerank": "prf"})
     assert r.json()["rerank"] == "prf"
+
+
+def test_a_repeated_query_is_not_embedded_again(client: TestClient, worker: Any, fruit: str) -> None:
+    """Query vectors are kept per model (bounded): the same question again skips the model, same results."""
+    from app.metrics import QUERY_EMBEDDING
+
+    def embedded() -> float:
+        return next(s.value for m in QUERY_EMBEDDING.collect() for s in m.samples if s.name.endswith("_count"))
+
+    query = f"which fruit is sour {uuid.uuid4().hex[:6]}"  # new to this process
+    before = embedded()
+    first = client.post("/v1/search", json={"query": query, "collection": fruit}).json()
+    assert embedded() == before + 1
+    again = client.post("/v1/search", json={"query": query, "collection": fruit}).json()
+    assert embedded() == before + 1
+    assert [h["chunk_id"] for h in again["results"]] == [h["chunk_id"] for h in first["results"]]
+    assert [h["score"] for h in again["results"]] == [h["score"] for h in first["results"]]
+    pipeline = client.app.state.resources.query  # type: ignore[attr-defined]
+    assert len(pipeline.vectors._items) <= pipeline.vectors.size

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -113,12 +115,24 @@ class QueryPipeline:
         # embedder's lock), and a fixed thread keeps its OpenMP team warm.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="query-encoder", initializer=torch_threads,
                                           initargs=(settings.query_encode_threads,))
+        self.vectors = QueryVectors(settings.query_cache_size)
         self.extractive = ExtractiveAnswerer(settings.answer_max_sentences, settings.answer_max_words)
         self.llm = (
             LLMAnswerer(llm_client, settings.llm_model, settings.llm_max_tokens)
             if llm_client is not None and settings.llm_model
             else None
         )
+
+    def _encode(self, embedder: Embedder, query: str) -> Any:
+        """The query's vector from this embedder (timed for /metrics), kept for the next time it is asked."""
+        cached = self.vectors.get(embedder, query)
+        if cached is not None:
+            return cached
+        with QUERY_EMBEDDING.time():
+            vector = embedder.encode([query])[0]
+        vector.setflags(write=False)  # shared by every request that asks the same: never changed in place
+        self.vectors.put(embedder, query, vector)
+        return vector
 
     def options(self, req: SearchRequest) -> Retrieval:
         overrides = {k: v for k, v in req.overrides.items() if v is not None}
@@ -140,7 +154,8 @@ class QueryPipeline:
         # leg in Postgres: torch and Postgres both release the GIL, so the two overlap. The configured
         # model is the active space's except during a re-index's switch, checked below.
         configured = self.embedders.configured
-        pending = self.encoder.submit(_timed_encode, configured, req.query)
+        cached = self.vectors.get(configured, req.query)
+        pending = _done(cached) if cached is not None else self.encoder.submit(self._encode, configured, req.query)
         time.sleep(0)  # hand the GIL to the encoder thread now, not when this one next waits on Postgres
         cid, space = retrieve.collection_and_space(session, req.collection, plan_once=not req.filters)
         try:
@@ -150,8 +165,8 @@ class QueryPipeline:
 
         def query_vector() -> Any:
             """The query's vector in the active space (every mode needs it: a lexical hit shows its similarity)."""
-            vector = pending.result()[0]
-            return vector if embedder is configured else _timed_encode(embedder, req.query)[0]
+            vector = pending.result()
+            return vector if embedder is configured else self._encode(embedder, req.query)
 
         if (req.group or self.settings.search_group) == "passage":
             return self._passages(session, req, opts, cid, space, query_vector)
@@ -320,7 +335,35 @@ class QueryPipeline:
         return self.extractive.answer(relevant, sentences)
 
 
-def _timed_encode(embedder: Embedder, query: str) -> Any:
-    """The query's vector, its time in the query-embedding histogram of /metrics."""
-    with QUERY_EMBEDDING.time():
-        return embedder.encode([query])
+class QueryVectors:
+    """The vectors of recent queries, per model (a model's fingerprint is in the key), least recently used out:
+    a repeated question (a retry, a dashboard, the same question from many users) skips the model."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, embedder: Embedder, query: str) -> Any | None:
+        if not self.size:
+            return None
+        key = (embedder.spec.fingerprint, query)
+        with self._lock:
+            vector = self._items.get(key)
+            if vector is not None:
+                self._items.move_to_end(key)
+            return vector
+
+    def put(self, embedder: Embedder, query: str, vector: Any) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._items[(embedder.spec.fingerprint, query)] = vector
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _done(value: Any) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
