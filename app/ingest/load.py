@@ -259,11 +259,13 @@ def _load_html(text: str) -> tuple[str | None, str]:
 
 def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, str, dict[str, Any]]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
     if not data.lstrip().startswith(b"%PDF-"):
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
     try:
+        # An encrypted PDF with an empty user password (an owner password only restricts printing or copying,
+        # as many published filings do) opens like any other: pypdf decrypts it (AES through `cryptography`).
         reader = PdfReader(io.BytesIO(data), strict=False)
         if max_pages and len(reader.pages) > max_pages:
             raise TooLarge(f"{name} has {len(reader.pages)} pages, over the {max_pages}-page limit "
@@ -271,6 +273,11 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, s
         pages = [_clean(_plain(page.extract_text() or "")) for page in reader.pages]
         info = reader.metadata
         title = _plain(str(info.title)).strip() if info is not None and info.title else None
+    except FileNotDecryptedError:
+        raise BadInput(f"{name} is password-protected: it opens only with a password; send a copy without "
+                       "one") from None
+    except DependencyError as exc:  # an encryption this install cannot read: say which, not a 500
+        raise BadInput(f"{name} uses an encryption pgsage cannot read: {exc}") from None
     except (
         PyPdfError,
         ValueError,
