@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from app.errors import BadInput, TooLarge, UnsupportedMedia
-from app.ingest import sandbox
+from app.ingest import office, sandbox
 from app.ingest.chunk import PAGE_BREAK
 from app.ingest.sandbox import Budget
 
@@ -30,6 +30,11 @@ TEXT_KINDS = {
     ".pdf": "pdf",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".docx": "docx",
+    ".pptx": "pptx",
+    ".xlsx": "xlsx",
+    ".csv": "csv",
+    ".tsv": "csv",
 }
 CONTENT_TYPES = {
     "text/plain": "text",
@@ -39,7 +44,14 @@ CONTENT_TYPES = {
     "application/jsonl": "jsonl",
     "application/x-ndjson": "jsonl",
     "application/jsonlines": "jsonl",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation": "pptx",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+    "text/csv": "csv",
+    "text/tab-separated-values": "csv",
 }
+# Zip packages read by the office loaders (in the parsing sandbox: a small package can inflate).
+OFFICE = {"docx": office.load_docx, "pptx": office.load_pptx, "xlsx": office.load_xlsx}
 MAX_EXTERNAL_ID = 512
 MAX_TITLE = 1000
 MAX_JSON_DEPTH = 100
@@ -407,7 +419,16 @@ def load_upload(
         title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
         return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta,
                                format="pdf")]
+    if kind in OFFICE:
+        fn = OFFICE[kind]
+        title, markdown = sandbox.run(fn, (data, name), budget, name) if budget else fn(data, name)
+        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(_clean(markdown), name),
+                               source=name, format="markdown")]
     text = _decode(data, name)
+    if kind == "csv":
+        _, markdown = office.load_csv(text, name)
+        return [LoadedDocument(name, PurePosixPath(name).stem, _require_text(_clean(markdown), name), source=name,
+                               format="markdown")]
     if kind == "jsonl":
         return _load_jsonl(text, name)
     if kind == "html":

@@ -1,4 +1,4 @@
-"""Parse untrusted files (HTML, PDF) in a child process under a memory and a time budget.
+"""Parse untrusted files (HTML, PDF, Office packages) in a child process under a memory and a time budget.
 
 A parser's memory grows with what a file describes, not with its size: millions of nested tags are
 gigabytes of tree, a few KB of PDF can inflate to gigabytes. Parsed inside the API process, one such upload
@@ -22,7 +22,7 @@ from typing import Any
 from app.errors import AppError, BadInput, TooLarge, UnsupportedMedia
 
 _ERRORS: dict[str, type[AppError]] = {e.__name__: e for e in (BadInput, TooLarge, UnsupportedMedia)}
-_PRELOAD = ["app.ingest.load", "bs4", "pypdf"]
+_PRELOAD = ["app.ingest.load", "bs4", "pypdf", "docx", "pptx", "openpyxl"]
 _context: Any = None
 _context_lock = threading.Lock()
 

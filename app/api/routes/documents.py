@@ -56,7 +56,8 @@ UPLOAD_BODY = {
                     "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary",
-                                 "description": "txt, md, html, pdf, or jsonl ({_id, title, text} per line)"},
+                                 "description": ("txt, md, html, pdf, docx, pptx, xlsx, csv/tsv, or jsonl "
+                                                 "({_id, title, text} per line)")},
                         "collection": {"type": "string", "default": "default"},
                         "metadata": {"type": "string", "description": "a JSON object added to every document"},
                         "path": {"type": "string", "minLength": 1, "maxLength": MAX_EXTERNAL_ID,

@@ -1,0 +1,230 @@
+"""Office formats to Markdown, so the chunker sees their structure: DOCX, PPTX, XLSX and CSV.
+
+- DOCX: headings (Title, Heading 1-9) become Markdown headings, so they make the heading path; list paragraphs
+  list items; tables Markdown tables (one row per line, cells apart), in document order.
+- PPTX: one section per slide under its title, its text (bullets as list items), its tables, and its speaker
+  notes.
+- XLSX: one section per sheet; each row a record with its column names ("Region: West; Sales: 1200"), the
+  header being the sheet's first non-empty row. CSV: the same for its one table.
+
+Each function takes the file's bytes and returns (title or None, Markdown). A file the library cannot read is a
+BadInput naming the format; the API runs these in the parsing sandbox (a zip package can inflate), tests may
+call them directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime, time
+from typing import Any
+
+from app.errors import AppError, BadInput
+
+# Rows of a sheet or CSV file beyond this are refused (a record per row; the upload limit bounds CSV anyway).
+MAX_ROWS = 1_000_000
+
+
+def _cell(value: Any) -> str:
+    """A cell's value as text: integral floats without '.0', dates in ISO form, one line."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, datetime | date | time):
+        value = value.isoformat()
+    return " ".join(str(value).split())
+
+
+def _table(rows: Iterable[list[str]]) -> str:
+    """A Markdown table, the first row as its header; '|' in cells escaped."""
+    lines: list[str] = []
+    for i, row in enumerate(rows):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        if i == 0:
+            lines.append("|" + " --- |" * len(row))
+    return "\n".join(lines)
+
+
+def _records(rows: Iterator[list[str]], what: str) -> list[str]:
+    """Rows as list items of 'column: value' pairs (empty cells left out); the first non-empty row names the
+    columns (a blank name becomes 'column N')."""
+    header: list[str] | None = None
+    out: list[str] = []
+    for n, row in enumerate(rows):
+        if n >= MAX_ROWS:
+            raise BadInput(f"{what} has more than {MAX_ROWS:,} rows")
+        if not any(row):
+            continue
+        if header is None:
+            header = [c or f"column {i + 1}" for i, c in enumerate(row)]
+            continue
+        names = header + [f"column {i + 1}" for i in range(len(header), len(row))]
+        pairs = [f"{names[i]}: {c}" for i, c in enumerate(row) if c]
+        out.append("- " + "; ".join(pairs))
+    if header is not None and not out:  # a header alone is still what the sheet says
+        out.append("- columns: " + "; ".join(header))
+    return out
+
+
+def _package(data: bytes, what: str) -> None:
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise BadInput(f"{what} is not an Office Open XML file (it is not a zip package)")
+
+
+def _unreadable(what: str, exc: Exception) -> BadInput:
+    return BadInput(f"{what} is corrupt or unreadable: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def load_docx(data: bytes, name: str) -> tuple[str | None, str]:
+    from docx import Document
+    from docx.table import Table
+
+    _package(data, f"{name} (DOCX)")
+    try:
+        doc = Document(io.BytesIO(data))
+        blocks: list[str] = []
+        first_heading = ""
+        for item in doc.iter_inner_content():
+            if isinstance(item, Table):
+                rows = [[_cell(c.text) for c in row.cells] for row in item.rows]
+                if any(any(r) for r in rows):
+                    blocks.append(_table(rows))
+                continue
+            text = _cell(item.text)
+            if not text:
+                continue
+            style = (item.style.name if item.style is not None else "") or ""
+            level = 1 if style == "Title" else _heading_level(style)
+            if level:
+                blocks.append("#" * level + " " + text)
+                first_heading = first_heading or text
+            elif style.startswith("List") or (item._p.pPr is not None and item._p.pPr.numPr is not None):
+                blocks.append("- " + text)
+            else:
+                blocks.append(text)
+        title = _cell(doc.core_properties.title) or first_heading
+    except AppError:
+        raise
+    except Exception as exc:
+        raise _unreadable(f"{name} (DOCX)", exc) from None
+    return title or None, "\n\n".join(_join_lists(blocks))
+
+
+def _heading_level(style: str) -> int:
+    if style.startswith("Heading "):
+        level = style.removeprefix("Heading ").strip()
+        if level.isdigit() and 1 <= int(level) <= 6:
+            return int(level)
+    return 0
+
+
+def _join_lists(blocks: list[str]) -> list[str]:
+    """Consecutive list items and table rows stay one block (a list, a table), not paragraphs apart."""
+    out: list[str] = []
+    for block in blocks:
+        if out and block.startswith("- ") and out[-1].split("\n")[-1].startswith("- "):
+            out[-1] += "\n" + block
+        else:
+            out.append(block)
+    return out
+
+
+def load_pptx(data: bytes, name: str) -> tuple[str | None, str]:
+    from pptx import Presentation
+
+    _package(data, f"{name} (PPTX)")
+    try:
+        deck = Presentation(io.BytesIO(data))
+        sections: list[str] = []
+        first_title = ""
+        for number, slide in enumerate(deck.slides, start=1):
+            title_shape = slide.shapes.title
+            title = _cell(title_shape.text) if title_shape is not None and title_shape.has_text_frame else ""
+            first_title = first_title or title
+            blocks = [f"## Slide {number}: {title}" if title else f"## Slide {number}"]
+            for shape in _shapes(slide.shapes):
+                if title_shape is not None and shape.shape_id == title_shape.shape_id:
+                    continue
+                if getattr(shape, "has_table", False) and shape.has_table:
+                    rows = [[_cell(c.text) for c in row.cells] for row in shape.table.rows]
+                    if any(any(r) for r in rows):
+                        blocks.append(_table(rows))
+                elif getattr(shape, "has_text_frame", False) and shape.has_text_frame:
+                    lines = [(p.level, _cell("".join(r.text for r in p.runs) or p.text))
+                             for p in shape.text_frame.paragraphs]
+                    lines = [(level, text) for level, text in lines if text]
+                    if len(lines) > 1:
+                        blocks.append("\n".join("  " * level + "- " + text for level, text in lines))
+                    elif lines:
+                        blocks.append(lines[0][1])
+            if slide.has_notes_slide:
+                notes = _cell(slide.notes_slide.notes_text_frame.text) if slide.notes_slide.notes_text_frame else ""
+                if notes:
+                    blocks.append(f"Speaker notes: {notes}")
+            sections.append("\n\n".join(blocks))
+        title = _cell(deck.core_properties.title) or first_title
+    except AppError:
+        raise
+    except Exception as exc:
+        raise _unreadable(f"{name} (PPTX)", exc) from None
+    return title or None, "\n\n".join(sections)
+
+
+def _shapes(shapes: Any) -> Iterator[Any]:
+    """A slide's shapes, those inside groups included, in reading order (top to bottom, left to right)."""
+    flat: list[Any] = []
+    stack = list(shapes)
+    while stack:
+        shape = stack.pop(0)
+        if hasattr(shape, "shapes"):  # a group
+            stack = list(shape.shapes) + stack
+        else:
+            flat.append(shape)
+    yield from sorted(flat, key=lambda s: ((s.top or 0) // 10_000, s.left or 0))
+
+
+def load_xlsx(data: bytes, name: str) -> tuple[str | None, str]:
+    from openpyxl import load_workbook
+
+    _package(data, f"{name} (XLSX)")
+    try:
+        book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+        sections = []
+        for sheet in book.worksheets:
+            rows = ([_cell(v) for v in row] for row in sheet.iter_rows(values_only=True))
+            records = _records(_trimmed(rows), f"{name}, sheet {sheet.title!r}")
+            if records:
+                sections.append(f"## {sheet.title}\n\n" + "\n".join(records))
+        title = _cell(book.properties.title) if book.properties is not None else ""
+        book.close()
+    except AppError:
+        raise
+    except Exception as exc:
+        raise _unreadable(f"{name} (XLSX)", exc) from None
+    return title or None, "\n\n".join(sections)
+
+
+def _trimmed(rows: Iterable[list[str]]) -> Iterator[list[str]]:
+    """Rows without their trailing empty cells (sheets report every column of their used range)."""
+    for row in rows:
+        while row and not row[-1]:
+            row.pop()
+        yield row
+
+
+def load_csv(text: str, name: str) -> tuple[str | None, str]:
+    """A CSV (or TSV) file's rows as records; the dialect sniffed from its start, commas when unsure."""
+    sample = text[:64_000]
+    try:
+        dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    try:
+        rows = ([_cell(c) for c in row] for row in csv.reader(io.StringIO(text), dialect))
+        records = _records(_trimmed(rows), name)
+    except csv.Error as exc:
+        raise BadInput(f"{name} is not valid CSV: {exc}") from None
+    return None, "\n".join(records)
