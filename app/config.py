@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     embedding_dimension: int | None = Field(default=None, ge=8, le=4096)
     embedding_batch_size: int = Field(default=32, ge=1, le=1024)
     embedding_device: str = "cpu"
+    # What runs the model: torch, or onnxruntime on an ONNX file exported from the model on first use and
+    # cached under data_dir (onnx: float32; onnx-int8: dynamically quantised for the CPU). The backend and
+    # the file's hash are part of the fingerprint, so a change re-indexes like any model change.
+    embedding_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # The int8 file's instruction set; auto reads this CPU's. Pin it when API and workers run on different CPUs.
+    embedding_quantization: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64"] = "auto"
     chunk_max_tokens: int = Field(default=256, ge=16, le=8192)
     chunk_overlap_tokens: int = Field(default=32, ge=0)
 

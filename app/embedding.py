@@ -65,10 +65,17 @@ class ModelSpec:
     # The weight files' hash: recorded with the space to check a rebuild against, not part of the
     # fingerprint (the revision already is, and is this hash unless a label was configured).
     weights: str = field(default="", compare=False)
+    # What runs the model, and for the onnx backends the exported file's hash and the int8 configuration.
+    # Part of the fingerprint except for torch, whose fingerprint stays what it was before backends existed
+    # (an install that keeps torch does not re-index on upgrade).
+    backend: str = "torch"
+    onnx_file: str = ""
+    quantization: str = ""
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps({k: v for k, v in asdict(self).items() if k != "weights"}, sort_keys=True)
+        left_out = {"weights"} | ({"backend", "onnx_file", "quantization"} if self.backend == "torch" else set())
+        payload = json.dumps({k: v for k, v in asdict(self).items() if k not in left_out}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     @property
@@ -78,9 +85,16 @@ class ModelSpec:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"chunk_max_tokens": self.chunk_max_tokens,
-                "chunk_overlap_tokens": self.chunk_overlap_tokens,
-                "chunker_version": self.chunker_version}
+        """Stored with the space (embedding_models.params): its chunking, and its backend unless torch (a space
+        without one is torch), so that its model can be rebuilt."""
+        params: dict[str, Any] = {"chunk_max_tokens": self.chunk_max_tokens,
+                                  "chunk_overlap_tokens": self.chunk_overlap_tokens,
+                                  "chunker_version": self.chunker_version}
+        if self.backend != "torch":
+            params.update(backend=self.backend, onnx_file=self.onnx_file)
+            if self.quantization:
+                params["quantization"] = self.quantization
+        return params
 
 
 def chunker_key(params: dict[str, Any]) -> str:
@@ -90,9 +104,12 @@ def chunker_key(params: dict[str, Any]) -> str:
 
 
 class Embedder:
-    """A SentenceTransformer configured by Settings; encode() returns float32 rows."""
+    """A SentenceTransformer configured by Settings; encode() returns float32 rows.
 
-    def __init__(self, settings: Settings) -> None:
+    threads: the intra-op threads of the onnx backends (the API passes PGSAGE_QUERY_ENCODE_THREADS, as its
+    query thread sets torch's); by default torch's own count, which is what the torch backend uses here."""
+
+    def __init__(self, settings: Settings, *, threads: int | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sentence_transformers import SentenceTransformer
@@ -100,6 +117,13 @@ class Embedder:
 
         self.settings = settings
         self.path = resolve_model_path(settings.embedding_model)
+        self.weights = _weights_hash(self.path)
+        self.backend = settings.embedding_backend
+        self.onnx_file = ""
+        self.quantization = ""
+        if self.backend != "torch" and settings.embedding_device != "cpu":
+            raise ValueError(f"PGSAGE_EMBEDDING_BACKEND={self.backend} runs on the CPU; "
+                             f"PGSAGE_EMBEDDING_DEVICE is {settings.embedding_device}")
         model = SentenceTransformer(self.path, device=settings.embedding_device)
         modules: list[Any] = list(model)
         pooling = next((m for m in modules if isinstance(m, Pooling)), None)
@@ -114,6 +138,8 @@ class Embedder:
         modules = [m for m in modules if not isinstance(m, Normalize)]
         self.model = SentenceTransformer(modules=modules, device=settings.embedding_device)
         self.model.max_seq_length = min(model.max_seq_length or 512, 512)
+        if self.backend != "torch":
+            self._attach_onnx(threads)
         native_dim = int(self.model.encode(["probe"], convert_to_numpy=True).shape[1])
         if settings.embedding_dimension and settings.embedding_dimension > native_dim:
             raise ValueError(
@@ -121,9 +147,24 @@ class Embedder:
             )
         self.dimension = settings.embedding_dimension or native_dim
         self.normalize = settings.embedding_normalize
-        self.weights = _weights_hash(self.path)
         self.revision = settings.embedding_revision or self.weights
         self._lock = threading.Lock()
+
+    def _attach_onnx(self, threads: int | None) -> None:
+        """Run the transformer through onnxruntime on the exported file (exported into the data directory once)."""
+        from app import embedding_onnx
+
+        if self.backend == "onnx-int8":
+            configured = self.settings.embedding_quantization
+            self.quantization = embedding_onnx.cpu_quantization() if configured == "auto" else configured
+        path = embedding_onnx.exported(self.path, self.weights, self.settings.data_dir, self.backend,
+                                       self.quantization or None)
+        self.onnx_file = embedding_onnx.file_hash(path)
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        embedding_onnx.attach(self.model, path, threads)
 
     @cached_property
     def spec(self) -> ModelSpec:
@@ -136,6 +177,9 @@ class Embedder:
             chunk_max_tokens=self.chunk_max_tokens,
             chunk_overlap_tokens=self.settings.chunk_overlap_tokens,
             weights=self.weights,
+            backend=self.backend,
+            onnx_file=self.onnx_file,
+            quantization=self.quantization,
         )
 
     @property
@@ -151,7 +195,8 @@ class Embedder:
         """Embed texts; rows are truncated to the configured dimension and L2-normalised if set."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        # torch is not re-entrant across threads for one module; the API serves from a thread pool.
+        # torch is not re-entrant across threads for one module; the API serves from a thread pool. (An
+        # onnxruntime session is, but one run at a time already uses every thread it is given.)
         with self._lock:
             out = self.model.encode(
                 texts,
@@ -192,9 +237,10 @@ class EmbedderPool:
     with the old model until a re-index switches, and a worker can write to both spaces meanwhile.
     """
 
-    def __init__(self, settings: Settings, configured: Embedder | None = None) -> None:
+    def __init__(self, settings: Settings, configured: Embedder | None = None, *, threads: int | None = None) -> None:
         self.settings = settings
-        self.configured = configured or Embedder(settings)
+        self.threads = threads
+        self.configured = configured or Embedder(settings, threads=threads)
         self._by_fingerprint: dict[str, Embedder] = {self.configured.spec.fingerprint: self.configured}
         self._lock = threading.Lock()
 
@@ -208,6 +254,9 @@ class EmbedderPool:
                 return found
             params = space.params or {}
             rebuilt = Embedder(self.settings.model_copy(update={
+                # A space without a backend predates them: torch.
+                "embedding_backend": params.get("backend", "torch"),
+                "embedding_quantization": params.get("quantization") or "auto",
                 "embedding_model": space.name,
                 "embedding_revision": space.revision,
                 "embedding_pooling": space.pooling,
@@ -215,7 +264,10 @@ class EmbedderPool:
                 "embedding_normalize": space.normalize,
                 "chunk_max_tokens": params.get("chunk_max_tokens", self.settings.chunk_max_tokens),
                 "chunk_overlap_tokens": params.get("chunk_overlap_tokens", self.settings.chunk_overlap_tokens),
-            }))
+            }), threads=self.threads)
+            if params.get("onnx_file") and rebuilt.onnx_file != params["onnx_file"]:
+                raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): its ONNX file "
+                                 f"hashed {params['onnx_file']}, the one in the data directory {rebuilt.onnx_file}")
             if rebuilt.spec.fingerprint != space.fingerprint:
                 raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): "
                                  f"its configuration gives fingerprint {rebuilt.spec.fingerprint}")
@@ -233,7 +285,7 @@ class EmbedderPool:
                   "embedding_dimension": None}
         settings = self.settings.model_copy(update=update)
         try:
-            built = Embedder(settings)
+            built = Embedder(settings, threads=self.threads)
         except Exception as exc:
             raise ValueError(f"cannot load embedding model {name!r}: {type(exc).__name__}: {exc}") from exc
         with self._lock:

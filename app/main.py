@@ -40,7 +40,8 @@ def build_resources(settings: Settings) -> Resources:
 
     engine = make_engine(settings)
     factory = make_sessionmaker(engine)
-    embedders = EmbedderPool(settings)
+    # The API embeds one question at a time: the onnx backends get the query thread count torch is given.
+    embedders = EmbedderPool(settings, threads=settings.query_encode_threads)
     celery = make_celery(settings)
     with session_scope(factory) as session:
         planned = plan(session, embedders.configured.spec)
