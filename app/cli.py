@@ -28,7 +28,6 @@ app = typer.Typer(
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = Path(__file__).resolve().parent / "samples"
-SUPPORTED = {".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl", ".ndjson"}
 DEMO_QUESTION = "What happens when the embedding model changes?"
 
 UrlOpt = Annotated[str, typer.Option("--url", envvar="PGSAGE_URL", help="Where the pgsage API runs.")]
@@ -336,6 +335,8 @@ def _refusal(response: httpx.Response) -> str:
 
 def _expand(paths: list[Path]) -> Iterator[tuple[Path, str]]:
     """Each supported file with its external id: its POSIX path relative to the folder given, or its name."""
+    from app.ingest.load import TEXT_KINDS as SUPPORTED  # what the API loads, by extension
+
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
