@@ -742,8 +742,10 @@ def _eval_qa(
         typer.echo(json.dumps(out))
         return
     typer.echo(f"{len(results)} questions on {name} (k {k}, mode {out['mode']}, rerank {out['rerank']})")
-    for key in dict.fromkeys(("passage_hit@1", f"passage_hit@{k}", "document@1", "answer_holds")):
-        typer.echo(f"  {key:<16}{out[key]:.4f}")
+    for key in dict.fromkeys(("evidence@1", f"evidence@{k}", "passage_hit@1", f"passage_hit@{k}", "document@1",
+                              "answer_holds")):
+        if key in out:  # evidence only when the question file gives it
+            typer.echo(f"  {key:<16}{out[key]:.4f}")
     typer.echo(f"  answer length   {out['mean_answer_words']:.1f} words on average ({out['answer_mode']})")
     for name in ("search", "ask"):
         p50, p95 = out[f"{name}_latency_ms_p50"], out[f"{name}_latency_ms_p95"]

@@ -153,3 +153,31 @@ def test_score_with_empty_answers_and_no_passages() -> None:
     assert out["search_latency_ms_p50"] == out["search_latency_ms_p95"] == 5.0
     with pytest.raises(ValueError, match="no question"):
         score([], k=5)
+
+
+def test_evidence_coverage_as_financebench_defines_it(tmp_path: Path) -> None:
+    from app.eval.qa import Passage, Question, QuestionResult, covers, evidence_tokens, load_questions, score
+
+    # Lower case, words of 3+ characters, every number.
+    assert evidence_tokens("Net sales rose 18.3% to $10.2 billion in Q4 of FY 2022") == {
+        "net", "sales", "rose", "18.3", "10.2", "billion", "4", "2022"}  # "Q4" gives its number
+    gold = "Net sales increased 18.3% to $10.2 billion compared to $8.6 billion in fiscal 2021."
+    # Half of the smaller side's tokens shared: a short passage inside the evidence covers it...
+    assert covers("Net sales increased 18.3% to $10.2 billion.", [gold])
+    # ...a passage about something else does not, and neither does an empty one.
+    assert not covers("Gross margin fell to 38.1% on higher freight costs.", [gold])
+    assert not covers("", [gold])
+    assert covers("unrelated", ["not this", gold, "increased sales"]) is False
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "1", "question": "How much did net sales grow?", "answers": ["18.3%"],
+                                "document": "ULTA.pdf", "evidence": [{"text": gold, "page": 4}]}) + "\n"
+                    + json.dumps({"id": "2", "question": "Another?", "answers": ["x"], "document": "a.md"}) + "\n")
+    [with_evidence, without] = load_questions(path)
+    assert with_evidence.evidence == (gold,)
+    assert without.evidence == ()
+    results = [QuestionResult(with_evidence, [Passage("ULTA.pdf", "Costs."), Passage("ULTA.pdf", gold)], "", 1, 1)]
+    scores = score(results, 5)
+    assert (scores["evidence@1"], scores["evidence@5"]) == (0.0, 1.0)
+    assert "evidence@1" not in score([QuestionResult(without, [Passage("a.md", "x")], "", 1, 1)], 5)
+    assert Question("3", "q", ("a",), "d").evidence == ()

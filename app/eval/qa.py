@@ -26,6 +26,8 @@ class Question:
     question: str
     answers: tuple[str, ...]
     document: str
+    # Gold evidence passages, when the file gives them ({"evidence": [{"text", "page"}]}, FinanceBench's form).
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,25 @@ def holds(text: str, answers: Sequence[str]) -> bool:
     return any(gold and f" {gold} " in padded for gold in map(normalise, answers))
 
 
+_EVIDENCE_TOKEN = re.compile(r"[a-z]+|\d+(?:[.,]\d+)*")
+
+
+def evidence_tokens(text: str) -> set[str]:
+    """The distinct tokens evidence coverage compares: lower case, words of 3+ characters, every number."""
+    return {t for t in _EVIDENCE_TOKEN.findall(text.lower()) if len(t) >= 3 or t[0].isdigit()}
+
+
+def covers(passage: str, evidence: Sequence[str]) -> bool:
+    """Whether the passage covers some gold evidence: at least half of the distinct tokens of the smaller of the
+    two are shared (financebench's README)."""
+    mine = evidence_tokens(passage)
+    for gold in map(evidence_tokens, evidence):
+        smaller = min(len(mine), len(gold))
+        if smaller and len(mine & gold) >= 0.5 * smaller:
+            return True
+    return False
+
+
 def strip_citations(answer: str) -> str:
     """The answer text without its citation markers."""
     return " ".join(_CITATION.sub(" ", answer).split())
@@ -88,7 +109,12 @@ def load_questions(path: Path) -> list[Question]:
                 answers = obj["answers"]
                 if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
                     raise ValueError("answers must be a list of strings")
-                question = Question(str(obj["id"]), str(obj["question"]), tuple(answers), str(obj["document"]))
+                evidence = obj.get("evidence") or []
+                if not isinstance(evidence, list) or not all(isinstance(e, dict) and isinstance(e.get("text"), str)
+                                                             for e in evidence):
+                    raise ValueError("evidence must be a list of {text, page} objects")
+                question = Question(str(obj["id"]), str(obj["question"]), tuple(answers), str(obj["document"]),
+                                    tuple(e["text"] for e in evidence if e["text"].strip()))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{n}: not a question ({type(exc).__name__}: {exc})") from None
             if not question.question.strip():
@@ -117,7 +143,8 @@ def percentiles(values: Sequence[float]) -> tuple[float, float]:
 
 
 def score(results: Sequence[QuestionResult], k: int = 5) -> dict[str, float]:
-    """Passage hit@1 and hit@k, document@1, answer holds, mean answer words, latency p50/p95 (ms)."""
+    """Passage hit@1 and hit@k, document@1, answer holds, mean answer words, latency p50/p95 (ms); with gold
+    evidence in the question file, evidence@1 and evidence@k too."""
     if not results:
         raise ValueError("no question to score")
     n = len(results)
@@ -128,7 +155,18 @@ def score(results: Sequence[QuestionResult], k: int = 5) -> dict[str, float]:
     held = sum(holds(a, r.question.answers) for a, r in zip(answers, results, strict=True))
     ask50, ask95 = percentiles([r.ask_ms for r in results])
     search50, search95 = percentiles([r.search_ms for r in results])
+    with_evidence = [r for r in results if r.question.evidence]
+    evidence = {}
+    if with_evidence:
+        m = len(with_evidence)
+        evidence = {
+            "evidence@1": sum(bool(r.passages) and covers(r.passages[0].text, r.question.evidence)
+                              for r in with_evidence) / m,
+            f"evidence@{k}": sum(any(covers(p.text, r.question.evidence) for p in r.passages[:k])
+                                 for r in with_evidence) / m,
+        }
     return {
+        **evidence,
         "passage_hit@1": hit1 / n,
         f"passage_hit@{k}": hitk / n,
         "document@1": doc1 / n,
