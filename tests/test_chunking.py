@@ -183,3 +183,18 @@ def test_answer_sentences_are_prose_and_whole_list_items_only() -> None:
     quoted = [text[s:e] for s, e in answer_sentences(text)]
     assert quoted == ["Glaciers move slowly downhill.", "They carve valleys over time!",
                       "Valley glaciers fill mountain valleys"]
+
+
+@pytest.mark.parametrize(("text", "sentences"), [
+    ("Sticky magma erupts, as at Mount St. Helens in 1980. Runny magma flows.",
+     ["Sticky magma erupts, as at Mount St. Helens in 1980.", "Runny magma flows."]),
+    ("Levels of vitamin D. Patients were treated. Smith et al. found no effect. See Fig. 2 for details.",
+     ["Levels of vitamin D.", "Patients were treated.", "Smith et al. found no effect.", "See Fig. 2 for details."]),
+    ("John F. Kennedy spoke. A. B. Smith wrote it. Dr. Ng agreed, e.g. on taxes. It ended.",
+     ["John F. Kennedy spoke.", "A. B. Smith wrote it.", "Dr. Ng agreed, e.g. on taxes.", "It ended."]),
+    ("No. 5 is next. The answer is no. Done!", ["No. 5 is next.", "The answer is no.", "Done!"]),
+])
+def test_sentences_do_not_end_at_abbreviations_or_initials(text: str, sentences: list[str]) -> None:
+    from app.ingest.chunk import sentence_spans
+
+    assert [text[s:e] for s, e, _ in sentence_spans(text)] == sentences

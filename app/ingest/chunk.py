@@ -20,15 +20,25 @@ from typing import Any
 
 # Bump when the chunks made from the same text change: a new version re-chunks every collection
 # through the re-index path.
-CHUNKER_VERSION = 2
+CHUNKER_VERSION = 3
 PAGE_BREAK = "\f"
 HEADING_SEPARATOR = " > "
 # At most this many word pieces of a chunk's budget go to its heading path.
 MAX_CONTEXT_TOKENS = 48
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
-# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) and whitespace.
+# A sentence ends at . ! ? (optionally followed by closing quotes/brackets) and whitespace...
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+# ...but not after an abbreviation that does not end sentences ("Mount St. Helens", "Dr. Ng", "e.g. this",
+# "Smith et al. found"), nor after a capitalised name's initial followed by a capitalised word ("John F. Kennedy";
+# "vitamin D. Patients" still ends a sentence, its word before the letter being lower case).
+_ABBREVIATION = re.compile(
+    r"(?:^|[\s(\[\"'])(?i:mr|mrs|ms|dr|prof|st|mt|ft|jr|sr|vs|e\.g|i\.e|cf|et al|approx|ca|dept|capt|lt|sgt|"
+    r"u\.s|u\.k)\.$")
+# Abbreviations that stand before a number only ("No. 5", "Fig. 2", "pp. 10-12"): "the answer is no. Then" ends.
+_NUMBERED = re.compile(r"(?:^|[\s(\[\"'])(?i:no|nos|fig|figs|vol|pp|p|eq|ref|sec)\.$")
+_INITIAL = re.compile(r"(?:^|\s)(?:[A-Z][\w'-]*|[A-Z]\.)\s+[A-Z]\.$")
+_LONE_INITIAL = re.compile(r"\s*[A-Z]\.")  # a sentence so far only an initial: "A. B. Smith wrote"
 _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
@@ -101,12 +111,26 @@ def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tu
         para_end = sep.start() if sep else end
         pos = para_start
         for m in _SENTENCE_END.finditer(text, para_start, para_end):
+            if _no_end(text, pos, m.start(), m.end(), para_end):
+                continue
             spans.append((pos, m.start(), p_index))
             pos = m.end()
         spans.append((pos, para_end, p_index))
         para_start = sep.end() if sep else end
     trimmed = [(*_trim(text, s, e), p) for s, e, p in spans]
     return [(s, e, p) for s, e, p in trimmed if e > s]
+
+
+def _no_end(text: str, start: int, stop: int, after: int, end: int) -> bool:
+    """Whether the full stop at text[stop - 1] ends no sentence: an abbreviation, or an initial, followed by
+    more of the sentence (a word that is capitalised or a number)."""
+    before = text[max(start, stop - 24):stop]
+    if _ABBREVIATION.search(before):
+        return True
+    following = text[after:min(end, after + 1)]
+    if following.isdigit() and _NUMBERED.search(before):
+        return True
+    return following.isupper() and bool(_INITIAL.search(before) or _LONE_INITIAL.fullmatch(text, start, stop))
 
 
 def _trim(text: str, start: int, end: int) -> tuple[int, int]:
