@@ -48,7 +48,8 @@ def cpu_quantization() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "avx2"
-    flags = set(re.findall(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)[0].split()) if "flags" in text else set()
+    found = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    flags = set(found.group(1).split()) if found else set()
     if "avx512_vnni" in flags:
         return "avx512_vnni"
     if "avx512f" in flags and "avx512bw" in flags:
