@@ -345,7 +345,10 @@ def test_config_change_reindexes_by_itself(seed: Seed, redis_url: str, tmp_path:
                 # The chunk is embedded under its heading path.
                 q, top = embedder.encode([query, with_context(" > ".join(results[0]["heading_path"]),
                                                              results[0]["text"])])
-                assert results[0]["similarity"] == pytest.approx(cosine(q, top), abs=1e-5)
+                # int8 quantises activations with one scale per batch: a chunk embedded alone here differs a little
+                # from the same chunk embedded among others by the worker.
+                tolerance = 0.03 if embedder.backend == "onnx-int8" else 1e-5
+                assert results[0]["similarity"] == pytest.approx(cosine(q, top), abs=tolerance)
 
 
 def _chunk_sets(engine: Engine) -> dict[str, int]:
