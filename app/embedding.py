@@ -265,13 +265,13 @@ class EmbedderPool:
                 "chunk_max_tokens": params.get("chunk_max_tokens", self.settings.chunk_max_tokens),
                 "chunk_overlap_tokens": params.get("chunk_overlap_tokens", self.settings.chunk_overlap_tokens),
             }), threads=self.threads)
+            _check_weights(space, rebuilt)  # first: changed weights also change the exported file
             if params.get("onnx_file") and rebuilt.onnx_file != params["onnx_file"]:
                 raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): its ONNX file "
                                  f"hashed {params['onnx_file']}, the one in the data directory {rebuilt.onnx_file}")
             if rebuilt.spec.fingerprint != space.fingerprint:
                 raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): "
                                  f"its configuration gives fingerprint {rebuilt.spec.fingerprint}")
-            _check_weights(space, rebuilt)
             self._by_fingerprint[space.fingerprint] = rebuilt
             log.info("loaded the model of embedding space %s (%s)", space.id, space.name)
             return rebuilt
