@@ -150,7 +150,11 @@ def engine(settings: Settings) -> Iterator[Engine]:
 def test_worker_killed_mid_ingest_then_restarted(
     service_env: dict[str, str], engine: Engine, chunker: Chunker, tmp_path: Path
 ) -> None:
-    env = _fault_env(service_env, PGSAGE_INGEST_LEASE_SECONDS="10", PGSAGE_INGEST_BATCH_DOCUMENTS="24")
+    # A task the killed worker had taken but not begun (its documents never claimed) comes back by the stall
+    # sweep after PGSAGE_INGEST_STALL_MINUTES (one here; the broker would return it only after an hour); a
+    # begun one after the lease. Which of the two the kill hits depends on the model's speed.
+    env = _fault_env(service_env, PGSAGE_INGEST_LEASE_SECONDS="10", PGSAGE_INGEST_BATCH_DOCUMENTS="24",
+                     PGSAGE_INGEST_STALL_MINUTES="1")
     collection = f"kill-{uuid.uuid4().hex[:8]}"
     rows = _texts(96)
     with TestClient(create_app(settings_of(env))) as client:
