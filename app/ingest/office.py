@@ -18,6 +18,7 @@ import csv
 import io
 import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, time
 from typing import Any
 
@@ -69,21 +70,25 @@ def _records(rows: Iterator[list[str]], what: str) -> list[str]:
     return out
 
 
-def _package(data: bytes, what: str) -> None:
+@contextmanager
+def _reading(data: bytes, what: str) -> Iterator[None]:
+    """Around a library reading an Office package: not a zip package, or a failure of the library on a hostile
+    or corrupt file, is a BadInput naming the file and its format."""
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise BadInput(f"{what} is not an Office Open XML file (it is not a zip package)")
-
-
-def _unreadable(what: str, exc: Exception) -> BadInput:
-    return BadInput(f"{what} is corrupt or unreadable: {type(exc).__name__}: {str(exc)[:200]}")
+    try:
+        yield
+    except AppError:
+        raise
+    except Exception as exc:
+        raise BadInput(f"{what} is corrupt or unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def load_docx(data: bytes, name: str) -> tuple[str | None, str]:
     from docx import Document
     from docx.table import Table
 
-    _package(data, f"{name} (DOCX)")
-    try:
+    with _reading(data, f"{name} (DOCX)"):
         doc = Document(io.BytesIO(data))
         blocks: list[str] = []
         first_heading = ""
@@ -106,10 +111,6 @@ def load_docx(data: bytes, name: str) -> tuple[str | None, str]:
             else:
                 blocks.append(text)
         title = _cell(doc.core_properties.title) or first_heading
-    except AppError:
-        raise
-    except Exception as exc:
-        raise _unreadable(f"{name} (DOCX)", exc) from None
     return title or None, "\n\n".join(_join_lists(blocks))
 
 
@@ -135,8 +136,7 @@ def _join_lists(blocks: list[str]) -> list[str]:
 def load_pptx(data: bytes, name: str) -> tuple[str | None, str]:
     from pptx import Presentation
 
-    _package(data, f"{name} (PPTX)")
-    try:
+    with _reading(data, f"{name} (PPTX)"):
         deck = Presentation(io.BytesIO(data))
         sections: list[str] = []
         first_title = ""
@@ -166,10 +166,6 @@ def load_pptx(data: bytes, name: str) -> tuple[str | None, str]:
                     blocks.append(f"Speaker notes: {notes}")
             sections.append("\n\n".join(blocks))
         title = _cell(deck.core_properties.title) or first_title
-    except AppError:
-        raise
-    except Exception as exc:
-        raise _unreadable(f"{name} (PPTX)", exc) from None
     return title or None, "\n\n".join(sections)
 
 
@@ -189,8 +185,7 @@ def _shapes(shapes: Any) -> Iterator[Any]:
 def load_xlsx(data: bytes, name: str) -> tuple[str | None, str]:
     from openpyxl import load_workbook
 
-    _package(data, f"{name} (XLSX)")
-    try:
+    with _reading(data, f"{name} (XLSX)"):
         book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
         sections = []
         for sheet in book.worksheets:
@@ -200,10 +195,6 @@ def load_xlsx(data: bytes, name: str) -> tuple[str | None, str]:
                 sections.append(f"## {sheet.title}\n\n" + "\n".join(records))
         title = _cell(book.properties.title) if book.properties is not None else ""
         book.close()
-    except AppError:
-        raise
-    except Exception as exc:
-        raise _unreadable(f"{name} (XLSX)", exc) from None
     return title or None, "\n\n".join(sections)
 
 
