@@ -76,6 +76,7 @@ class ServiceCollector(Collector):
         self.factory = factory
         self.redis_url = redis_url
         self.queue = queue
+        self._redis: Any = None
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("pgsage_metrics_database_up", "1 when the service figures were read for this scrape.")
@@ -148,10 +149,11 @@ class ServiceCollector(Collector):
         if not self.redis_url:
             return None
         try:
-            import redis
+            if self._redis is None:  # one client (and its connection pool) for every scrape
+                import redis
 
-            client: Any = redis.Redis.from_url(self.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-            return int(client.llen(self.queue))
+                self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            return int(self._redis.llen(self.queue))
         except Exception as exc:
             log.warning("metrics: the broker did not answer: %s", exc)
             return None
