@@ -299,16 +299,42 @@ def _client(url: str, key: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0), headers=headers)
 
 
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        response = client.request(method, path, **kwargs)
-    except httpx.ConnectError:
-        raise typer.Exit(_fail(_not_answering(client))) from None
-    except httpx.HTTPError as exc:
-        raise typer.Exit(_fail(f"request to {client.base_url}{path} failed: {exc}")) from None
+# How long one CLI request may keep waiting out 429 and 503 answers (Retry-After) before it is an error.
+PATIENCE_SECONDS = 300.0
+
+
+def _call(client: httpx.Client, method: str, path: str, *, max_wait: float = PATIENCE_SECONDS, **kwargs: Any) -> Any:
+    """One request's JSON answer; a refusal ends the command with its message.
+
+    A 429 (this key's rate limit) or a 503 (database or queue briefly away) carrying Retry-After is waited out
+    and retried, for up to max_wait seconds in all: a long `pgsage eval` or folder ingest goes on at the rate
+    the service allows instead of failing at its first refusal."""
+    waited = 0.0
+    while True:
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise typer.Exit(_fail(_not_answering(client))) from None
+        except httpx.HTTPError as exc:
+            raise typer.Exit(_fail(f"request to {client.base_url}{path} failed: {exc}")) from None
+        pause = _retry_after(response)
+        if pause is None or waited + pause > max_wait:
+            break
+        time.sleep(pause)
+        waited += pause
     if response.status_code >= 400:
         raise typer.Exit(_fail(_refusal(response)))
     return response.json() if response.content else None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before sending the request again, when the service says it may succeed then."""
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        return max(float(response.headers["retry-after"]), 0.1)
+    except (KeyError, ValueError):
+        return None
 
 
 def _not_answering(client: httpx.Client) -> str:

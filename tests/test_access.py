@@ -254,6 +254,28 @@ def test_rate_limit_per_key_in_redis(limited: TestClient) -> None:
     assert all(limited.get("/healthz").status_code == 200 for _ in range(10))
 
 
+def test_cli_waits_out_the_rate_limit(limited: TestClient) -> None:
+    """The CLI's requests (eval sends thousands) wait for Retry-After on a 429 and go on, instead of failing
+    the run at the first refusal; a limit that does not clear within the CLI's patience is still an error."""
+    import time
+
+    import typer
+
+    from app import cli
+
+    c = _as(limited, make_key(limited, "read", ["*"]))
+    started = time.monotonic()
+    answers = [cli._call(c, "GET", "/v1/me") for _ in range(6)]
+    assert all(a["role"] == "read" for a in answers)
+    assert time.monotonic() - started >= 1  # it did wait: 60 a minute after a burst of 3
+
+    impatient = _as(limited, make_key(limited, "read", ["*"]))
+    for _ in range(3):  # the burst
+        cli._call(impatient, "GET", "/v1/me", max_wait=0)
+    with pytest.raises(typer.Exit):
+        cli._call(impatient, "GET", "/v1/me", max_wait=0)
+
+
 def test_failed_authentications_are_limited_per_address(settings: Settings) -> None:
     """Issue 11, defect 9: requests without a valid key are limited per client address (they were never
     limited at all); a valid key from the same address still goes through."""
