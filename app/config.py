@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -125,9 +126,17 @@ class Settings(BaseSettings):
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # Threads each worker process embeds on (torch's and onnxruntime's intra-op pools). Unset: the machine's
+    # cores shared out between the worker processes, so they never oversubscribe the CPU.
+    worker_threads: int | None = Field(default=None, ge=1, le=256)
     # Worker processes lower their CPU priority by this much, so that on a shared machine questions
     # (the API) are answered promptly while ingestion and re-indexing take the CPU left over.
     worker_nice: int = Field(default=10, ge=0, le=19)
+
+    @property
+    def worker_embed_threads(self) -> int:
+        """Threads one worker process embeds on: PGSAGE_WORKER_THREADS, or its share of the machine's cores."""
+        return self.worker_threads or max(1, (os.cpu_count() or 1) // self.worker_concurrency)
     # Threads torch uses to embed one query in the API. One: a short question gains little from a second
     # thread (11.3 -> 14.2 ms here), while that thread spin-waits against Postgres and the request's own
     # work, which run beside the embedding; measured in BENCHMARKS.md (question latency).

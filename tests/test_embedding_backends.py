@@ -118,6 +118,20 @@ def test_onnx_backend_exports_once_and_embeds_like_torch(
     assert spec.fingerprint != torch_embedder.spec.fingerprint
 
 
+def test_worker_processes_share_the_cores_without_oversubscribing(data_dir: Path) -> None:
+    """Each worker process embeds on its share of the cores (PGSAGE_WORKER_THREADS overrides), and the onnx
+    session gets exactly that many intra-op threads."""
+    cores = os.cpu_count() or 1
+    assert Settings(worker_concurrency=1).worker_embed_threads == cores
+    assert Settings(worker_concurrency=cores).worker_embed_threads == 1
+    assert Settings(worker_concurrency=cores * 4).worker_embed_threads == 1
+    assert Settings(worker_concurrency=cores, worker_threads=3).worker_embed_threads == 3
+    threads = Settings(worker_concurrency=2).worker_embed_threads
+    embedder = Embedder(Settings(data_dir=data_dir, embedding_backend="onnx-int8"), threads=threads)
+    session = embedder.model[0].model.session
+    assert session.get_session_options().intra_op_num_threads == threads
+
+
 def test_fingerprints_differ_per_backend_and_file(data_dir: Path, torch_embedder: Embedder) -> None:
     onnx = Embedder(Settings(data_dir=data_dir, embedding_backend="onnx"), threads=1)
     int8 = Embedder(Settings(data_dir=data_dir, embedding_backend="onnx-int8"), threads=1)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
-from app.embedding import EmbedderPool
+from app.embedding import EmbedderPool, torch_threads
 from app.ingest.pipeline import IngestPipeline
 from app.reindex.pipeline import ReindexPipeline
 
@@ -41,7 +41,9 @@ def resources() -> WorkerResources:
                 os.nice(settings.worker_nice)
             engine = make_engine(settings, pool_size=3)
             factory = make_sessionmaker(engine)
-            embedders = EmbedderPool(settings)
+            threads = settings.worker_embed_threads
+            torch_threads(threads)
+            embedders = EmbedderPool(settings, threads=threads)
             _resources = WorkerResources(
                 settings=settings,
                 engine=engine,
@@ -50,5 +52,5 @@ def resources() -> WorkerResources:
                 ingest=IngestPipeline(factory, embedders),
                 reindex=ReindexPipeline(settings, engine, factory, embedders),
             )
-            log.info("worker resources ready (model %s)", embedders.configured.spec.fingerprint)
+            log.info("worker resources ready (model %s, %d threads)", embedders.configured.spec.fingerprint, threads)
         return _resources
