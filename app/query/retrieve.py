@@ -267,7 +267,19 @@ def passage_lexical(
     """
     params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
-    join = " JOIN documents d ON d.id = c.document_id" if where else ""
+    if where:  # the filter reads the chunk's document: join before the limit
+        top = f"""
+            SELECT sc.chunk_id, c.document_id, sc.score
+              FROM scored sc JOIN chunks c ON c.id = sc.chunk_id JOIN documents d ON d.id = c.document_id
+             WHERE true{where}
+             ORDER BY sc.score DESC, sc.chunk_id
+             LIMIT {int(n)}"""
+    else:  # only the n best need their document: a join before the limit read every matching chunk's row
+        top = f"""
+            SELECT b.chunk_id, c.document_id, b.score
+              FROM (SELECT chunk_id, score FROM scored ORDER BY score DESC, chunk_id LIMIT {int(n)}) b
+              JOIN chunks c ON c.id = b.chunk_id
+             ORDER BY b.score DESC, b.chunk_id"""
     document_rows = f"""
         UNION ALL
         SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
@@ -287,11 +299,7 @@ def passage_lexical(
               FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
              WHERE p.collection_id = :cid AND p.chunker = :ck
              GROUP BY p.chunk_id
-        ), top AS (
-            SELECT sc.chunk_id, c.document_id, sc.score FROM scored sc JOIN chunks c ON c.id = sc.chunk_id{join}
-             WHERE true{where}
-             ORDER BY sc.score DESC, sc.chunk_id
-             LIMIT {int(n)}
+        ), top AS ({top}
         )
         SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
