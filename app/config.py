@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     prf_beta: float = Field(default=0.5, ge=0, le=10)
 
     # HNSW and answers.
+    # The HNSW index's vector type: vector (float32) or halfvec (float16: half the index's size and memory).
+    # The stored vectors stay float32, so every exact signal keeps full precision. Part of the model's
+    # fingerprint: changing it builds a new space through the re-index, with zero downtime.
+    vector_index_type: Literal["vector", "halfvec"] = "vector"
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)
     search_max_k: int = Field(default=100, ge=1, le=1000)

@@ -71,10 +71,15 @@ class ModelSpec:
     backend: str = "torch"
     onnx_file: str = ""
     quantization: str = ""
+    # The HNSW index's vector type (PGSAGE_VECTOR_INDEX_TYPE); left out of the fingerprint when it is the
+    # default, so spaces made before the option keep theirs.
+    index_type: str = "vector"
 
     @property
     def fingerprint(self) -> str:
         left_out = {"weights"} | ({"backend", "onnx_file", "quantization"} if self.backend == "torch" else set())
+        if self.index_type == "vector":
+            left_out.add("index_type")
         payload = json.dumps({k: v for k, v in asdict(self).items() if k not in left_out}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -94,6 +99,8 @@ class ModelSpec:
             params.update(backend=self.backend, onnx_file=self.onnx_file)
             if self.quantization:
                 params["quantization"] = self.quantization
+        if self.index_type != "vector":
+            params["index_type"] = self.index_type
         return params
 
 
@@ -180,6 +187,7 @@ class Embedder:
             backend=self.backend,
             onnx_file=self.onnx_file,
             quantization=self.quantization,
+            index_type=self.settings.vector_index_type,
         )
 
     @property
@@ -257,6 +265,7 @@ class EmbedderPool:
                 # A space without a backend predates them: torch.
                 "embedding_backend": params.get("backend", "torch"),
                 "embedding_quantization": params.get("quantization") or "auto",
+                "vector_index_type": params.get("index_type", "vector"),
                 "embedding_model": space.name,
                 "embedding_revision": space.revision,
                 "embedding_pooling": space.pooling,

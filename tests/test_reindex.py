@@ -65,6 +65,8 @@ CHANGES = {
     "pooling": {"PGSAGE_EMBEDDING_POOLING": "cls"},
     "dimension": {"PGSAGE_EMBEDDING_DIMENSION": "256"},
     "revision": {"PGSAGE_EMBEDDING_REVISION": "v2"},
+    # A half-precision HNSW index (issue 14): a new space like any other change.
+    "index_type": {"PGSAGE_VECTOR_INDEX_TYPE": "halfvec"},
 }
 # Small batches, so a re-index of the SciFact sample spans many batches (and many queries).
 SLOW = {"PGSAGE_REINDEX_BATCH_CHUNKS": "16"}
@@ -338,6 +340,10 @@ def test_config_change_reindexes_by_itself(seed: Seed, redis_url: str, tmp_path:
                     {"m": new_id},
                 )
                 assert dims.scalars().all() == [embedder.dimension]
+                index = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"),
+                                     {"n": f"ix_chunk_vectors_hnsw_m{new_id}"}).scalar_one()
+                kind = "halfvec" if change == "index_type" else "vector"
+                assert f"(embedding)::{kind}({embedder.dimension})) {kind}_cosine_ops" in index, index
 
             for query in DOCS_QUERIES:
                 space, results = search(client, "docs", query)
@@ -349,6 +355,36 @@ def test_config_change_reindexes_by_itself(seed: Seed, redis_url: str, tmp_path:
                 # from the same chunk embedded among others by the worker.
                 tolerance = 0.03 if embedder.backend == "onnx-int8" else 1e-5
                 assert results[0]["similarity"] == pytest.approx(cosine(q, top), abs=tolerance)
+            # The dense leg's statement can walk the new space's index (its expression, in the index's vector
+            # type): with sequential scans ruled out, the plan walks it even on this small collection.
+            assert f"ix_chunk_vectors_hnsw_m{new_id}" in _dense_plan(engine, new_id, q)
+
+
+def _dense_plan(engine: Engine, space_id: int, query: np.ndarray) -> str:
+    """EXPLAIN of the dense leg's statement (retrieve.dense_chunks) in the space, sequential scans ruled out."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from app.models import EmbeddingModel
+    from app.query import retrieve
+
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        statements.append((statement, parameters))
+
+    with Session(engine) as session:
+        space = session.get(EmbeddingModel, space_id)
+        assert space is not None
+        cid = session.execute(text("SELECT id FROM collections WHERE name = 'docs'")).scalar_one()
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            retrieve.dense_chunks(session, space, query, cid, 5, filters=None, ef_search=40, max_scan_tuples=20_000)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+        sql, parameters = statements[-1]
+        return "\n".join(r[0] for r in session.connection().exec_driver_sql("EXPLAIN " + sql, parameters))
 
 
 def _chunk_sets(engine: Engine) -> dict[str, int]:

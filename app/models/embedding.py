@@ -41,6 +41,16 @@ class EmbeddingModel(Base):
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
+    @property
+    def index_type(self) -> str:
+        """The vector type its HNSW index casts to: vector (float32), or halfvec when made so."""
+        return index_type(self.params)
+
+
+def index_type(params: dict[str, Any] | None) -> str:
+    """The vector type of a space's HNSW index, from its params: vector unless it was made halfvec."""
+    return str((params or {}).get("index_type", "vector"))
+
 
 class DocumentVector(Base):
     """The single vector of a document in one embedding space."""

@@ -110,6 +110,13 @@ def _hnsw_settings(session: Session, ef_search: int, k: int, max_scan_tuples: in
     )
 
 
+def _index_order(space: EmbeddingModel, alias: str, query: str) -> str:
+    """The ORDER BY of a walk of the space's HNSW index: its expression, to the letter (the planner matches the
+    partial expression index by it), in the index's vector type. Distances shown come from the float32 vectors."""
+    kind, dim = space.index_type, int(space.dimension)
+    return f"({alias}.embedding::{kind}({dim})) <=> CAST({query} AS {kind}({dim}))"
+
+
 def dense_chunks(
     session: Session,
     space: EmbeddingModel,
@@ -129,6 +136,7 @@ def dense_chunks(
     dim, mid = int(space.dimension), int(space.id)
     _hnsw_settings(session, ef_search, k, max_scan_tuples)
     params: dict[str, Any] = {"q": vector_literal(query), "cid": collection_id}
+    order = _index_order(space, "cv", ":q")
     where = _filter_sql(filters, params)
     # model id and dimension are integers from our own registry: inlined so the planner can match
     # the partial expression index of this space.
@@ -142,7 +150,7 @@ def dense_chunks(
               FROM chunk_vectors cv
               JOIN documents d ON d.id = cv.document_id
              WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
-             ORDER BY (cv.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
+             ORDER BY {order}
              LIMIT {int(k)}
         )
         SELECT n.chunk_id, n.document_id, d.external_id, d.title, d.metadata, c.text, c.ordinal,
@@ -400,6 +408,7 @@ def passage_ranking(
                               "ws": fusion.sentence_weight}
     where = _filter_sql(filters, params)
     distance = f"(cv.embedding::vector({dim})) <=> CAST(:v AS vector({dim}))"
+    order = _index_order(space, "cv", ":v")
     ctes = [f"qv AS (SELECT CAST(:v AS vector({dim})) AS v)"]
     # The lexical leg's passages (filtered there) that the dense leg did not find get their cosine one by one.
     # A lexical hit without a vector in this space (written before it could be, or in the gap a rollback
@@ -414,7 +423,7 @@ def passage_ranking(
             SELECT cv.chunk_id, cv.document_id, 1 - ({distance}) AS sim
               FROM chunk_vectors cv{" JOIN documents d ON d.id = cv.document_id" if where else ""}
              WHERE cv.model_id = {mid} AND cv.collection_id = :cid{where}
-             ORDER BY {distance}
+             ORDER BY {order}
              LIMIT {min(int(n), 1000)})""")
         legs[0] += " WHERE l.chunk_id NOT IN (SELECT chunk_id FROM dense)"
         legs.append("SELECT chunk_id, document_id, sim FROM dense")

@@ -21,6 +21,7 @@ from app.ingest.pipeline import chunker_for, split_document
 from app.ingest.store import ChunkSet, PendingDocument
 from app.metrics import add_counts, record_counts
 from app.models import EmbeddingModel
+from app.models.embedding import index_type
 from app.reindex import backfill, quality, spaces
 from app.reindex.switch import switch
 
@@ -218,7 +219,7 @@ class ReindexPipeline:
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             space = conn.execute(
-                text("SELECT id, dimension FROM embedding_models WHERE id = :i"), {"i": space_id}
+                text("SELECT id, dimension, params FROM embedding_models WHERE id = :i"), {"i": space_id}
             ).one()
             for table in spaces.HNSW_TABLES:
                 name = spaces.index_name(table, space.id)
@@ -231,5 +232,6 @@ class ReindexPipeline:
                 ).scalar()
                 if valid is False:  # left behind by a build that was killed
                     conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                conn.execute(text(spaces.index_statement(table, space.id, space.dimension, concurrently=True)))
+                conn.execute(text(spaces.index_statement(table, space.id, space.dimension,
+                                                         index_type(space.params), concurrently=True)))
         log.info("built the HNSW indexes of space %s in %.1fs", space_id, time.perf_counter() - started)

@@ -1,7 +1,8 @@
 """The embedding-space registry: register a model by fingerprint, activate it, index it.
 
-Per-model HNSW indexes are partial expression indexes (embedding::vector(dim), model_id = N),
-so spaces of different dimensions live side by side in one table.
+Per-model HNSW indexes are partial expression indexes (embedding::vector(dim), or halfvec(dim) for a space
+made with PGSAGE_VECTOR_INDEX_TYPE=halfvec; model_id = N), so spaces of different dimensions and index types
+live side by side in one table.
 """
 
 from __future__ import annotations
@@ -75,19 +76,22 @@ def index_name(table: str, space_id: int) -> str:
     return f"ix_{table}_hnsw_m{int(space_id)}"
 
 
-def index_statement(table: str, space_id: int, dimension: int, *, concurrently: bool = False) -> str:
-    """The DDL of a space's HNSW (cosine) index on one of the vector tables."""
+def index_statement(table: str, space_id: int, dimension: int, kind: str = "vector", *,
+                    concurrently: bool = False) -> str:
+    """The DDL of a space's HNSW (cosine) index on one of the vector tables, over its vectors cast to `kind`."""
+    if kind not in ("vector", "halfvec"):
+        raise ValueError(f"unknown HNSW index type {kind!r}")
     how = "CONCURRENTLY " if concurrently else ""
     return (
         f"CREATE INDEX {how}IF NOT EXISTS {index_name(table, space_id)} ON {table} "
-        f"USING hnsw ((embedding::vector({int(dimension)})) vector_cosine_ops) WHERE model_id = {int(space_id)}"
+        f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) WHERE model_id = {int(space_id)}"
     )
 
 
 def build_index(session: Session, space: EmbeddingModel) -> None:
     """Create the space's HNSW index on the chunk vector table (in this transaction)."""
     for table in HNSW_TABLES:
-        session.execute(text(index_statement(table, space.id, space.dimension)))
+        session.execute(text(index_statement(table, space.id, space.dimension, space.index_type)))
 
 
 def live(session: Session) -> list[EmbeddingModel]:
