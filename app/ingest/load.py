@@ -282,7 +282,7 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, s
         if max_pages and len(reader.pages) > max_pages:
             raise TooLarge(f"{name} has {len(reader.pages)} pages, over the {max_pages}-page limit "
                            "(PGSAGE_PDF_MAX_PAGES)")
-        pages = [_clean(_plain(page.extract_text() or "")) for page in reader.pages]
+        pages = _tidy_pages([_clean(_plain(page.extract_text() or "")) for page in reader.pages])
         info = reader.metadata
         title = _plain(str(info.title)).strip() if info is not None and info.title else None
     except FileNotDecryptedError:
@@ -307,7 +307,58 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, s
     text = ("\n" + PAGE_BREAK + "\n").join(pages)
     if not text.replace(PAGE_BREAK, "").strip():
         raise BadInput(f"{name} has no extractable text (a scanned PDF needs OCR first)")
-    return title, text, {"pages": len(pages)}
+    meta: dict[str, Any] = {"pages": len(pages)}
+    blank = [n for n, page in enumerate(pages, start=1) if not page.strip()]
+    if blank:  # scanned pages (no text layer): said, so a reader knows what the index cannot find
+        meta["pages_without_text"] = blank
+    return title, text, meta
+
+
+# Lines at each end of a page where running headers and footers sit.
+_EDGE_LINES = 3
+
+
+def _edge_key(line: str, page: int) -> str:
+    """A header or footer line with its numbers blanked, so "Page 3 of 90" and "Page 4 of 90" count as one: a line
+    repeating on most pages' edges is a running one. A bare number is keyed by its distance from the page's
+    index, so page numbers (3 on the third page, 4 on the fourth) count as one and a table's last cell does not."""
+    words = " ".join(line.split()).lower()
+    bare = re.fullmatch(r"[-\u2013\u2014(\s]*(\d{1,5})[-\u2013\u2014)\s]*", words)
+    if bare:
+        return f"#{int(bare.group(1)) - page}"
+    return re.sub(r"\d+", "#", words)
+
+
+def _tidy_pages(pages: list[str]) -> list[str]:
+    """Page texts as a reader sees them: running headers, footers and page numbers that repeat on most pages
+    dropped from the pages' edges, and words hyphenated at a line end joined (a lower-case letter on both
+    sides: "environ-" + "mental"; "state-owned" within a line is left alone)."""
+    lines = [page.split("\n") if page else [] for page in pages]
+    with_text = [ls for ls in lines if any(line.strip() for line in ls)]
+    repeated: set[str] = set()
+    if len(with_text) >= 3:
+        seen: dict[str, int] = {}
+        for page, ls in enumerate(lines):
+            edges = {_edge_key(line, page) for line in ls[:_EDGE_LINES] + ls[-_EDGE_LINES:] if line.strip()}
+            for key in edges:
+                seen[key] = seen.get(key, 0) + 1
+        repeated = {key for key, n in seen.items() if n >= max(3, 0.6 * len(with_text))}
+    out = []
+    for page, ls in enumerate(lines):
+        top, bottom = 0, len(ls)
+        while top < min(bottom, _EDGE_LINES) and _is_running(ls[top], page, repeated):
+            top += 1
+        while bottom > max(top, len(ls) - _EDGE_LINES) and _is_running(ls[bottom - 1], page, repeated):
+            bottom -= 1
+        kept = "\n".join(ls[top:bottom])
+        out.append(re.sub(r"([a-z])-\n([a-z])", r"\1\2", kept).strip())
+    return out
+
+
+def _is_running(line: str, page: int, repeated: set[str]) -> bool:
+    """An edge line that is blank, or a header, footer or page number that repeats on most pages. (A lone
+    number on only a few pages' edges, such as a table's last cell, stays.)"""
+    return not line.strip() or _edge_key(line, page) in repeated
 
 
 def _check_metadata(value: Any, where: str) -> dict[str, Any]:

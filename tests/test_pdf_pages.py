@@ -1,0 +1,61 @@
+"""Issue 15, point 1: PDFs as published. Running headers, footers and page numbers that repeat on most pages are
+removed, words hyphenated at line ends are joined, and a page without a text layer is reported, not hidden."""
+
+from __future__ import annotations
+
+from app.ingest.chunk import PAGE_BREAK
+from app.ingest.load import load_upload
+from tests.fixtures.helpers import make_pdf
+
+HEADER = "ACME Corporation | Annual Report 2022"
+
+
+def _page(n: int, body: list[str]) -> list[str]:
+    return [HEADER, *body, f"Page {n} of 5"]
+
+
+def test_running_headers_footers_and_page_numbers_are_removed() -> None:
+    pages = [
+        _page(1, ["Revenue grew in every segment.", "The board met four times."]),
+        _page(2, ["Operating margin was 21 percent.", "Headcount rose to 1,200."]),
+        _page(3, ["The company opened two plants.", "Capital spending fell."]),
+        _page(4, ["Cash flow from operations rose.", "Debt was repaid early."]),
+        _page(5, ["The outlook for 2023 is cautious.", HEADER + " appears once in the body too."]),
+    ]
+    [doc] = load_upload("report.pdf", None, make_pdf(*pages), 10**7)
+    text = doc.content
+    assert text.count(PAGE_BREAK) == 4  # page boundaries kept for citations
+    assert "Page 3 of 5" not in text
+    assert text.count(HEADER) == 1  # the running header is gone; the sentence that quotes it stays
+    for line in ("Revenue grew in every segment.", "Debt was repaid early.", "The outlook for 2023 is cautious."):
+        assert line in text
+    assert doc.metadata["pages"] == 5
+    assert "pages_without_text" not in doc.metadata
+
+
+def test_bare_page_numbers_go_and_a_number_ending_one_page_stays() -> None:
+    bodies = [["Revenue by region", "Europe grew fastest"], ["Balance sheet", "Total assets", "2022"],
+              ["Cash flow", "Operations generated cash"], ["Risk factors", "Rates may rise"],
+              ["Outlook", "Demand is steady"]]
+    pages = [[*body, str(n)] for n, body in enumerate(bodies, start=1)]
+    [doc] = load_upload("numbers.pdf", None, make_pdf(*pages), 10**7)
+    body = [p.strip().splitlines() for p in doc.content.split(PAGE_BREAK)]
+    # (The content opens with the title.) The page numbers are gone; a table's last cell on one page is no
+    # running footer.
+    assert [lines[-len(expected):] for lines, expected in zip(body, bodies, strict=True)] == bodies
+    assert all(len(lines) == len(expected) for lines, expected in zip(body[1:], bodies[1:], strict=True))
+
+
+def test_hyphenation_at_line_ends_is_joined() -> None:
+    [doc] = load_upload("memo.pdf", None, make_pdf(["The environ-", "mental review found no issues,",
+                                                       "and the state-owned utility agreed."]), 10**7)
+    assert "environmental review" in doc.content
+    assert "state-owned" in doc.content  # a hyphen inside a line is the word's own
+
+
+def test_a_page_without_text_is_reported() -> None:
+    [doc] = load_upload("scan.pdf", None, make_pdf(["First page text."], [], ["Third page text."]), 10**7)
+    assert doc.metadata["pages"] == 3
+    assert doc.metadata["pages_without_text"] == [2]
+    assert "First page text." in doc.content
+    assert "Third page text." in doc.content
