@@ -47,10 +47,12 @@ def test_bare_page_numbers_go_and_a_number_ending_one_page_stays() -> None:
 
 
 def test_hyphenation_at_line_ends_is_joined() -> None:
-    [doc] = load_upload("memo.pdf", None, make_pdf(["The environ-", "mental review found no issues,",
-                                                       "and the state-owned utility agreed."]), 10**7)
-    assert "environmental review" in doc.content
-    assert "state-owned" in doc.content  # a hyphen inside a line is the word's own
+    [doc] = load_upload("memo.pdf", None, make_pdf(["The environ-", "mental review found no environmental issues,",
+                                                       "and the long-", "term plan of the state-owned utility holds."]),
+                        10**7)
+    assert "environmental review" in doc.content  # the document writes the whole word elsewhere: one word
+    assert "long-term plan" in doc.content  # it does not write "longterm": the hyphen is the word's own
+    assert "state-owned" in doc.content  # a hyphen inside a line is left alone
 
 
 def test_a_page_without_text_is_reported() -> None:

@@ -331,8 +331,7 @@ def _edge_key(line: str, page: int) -> str:
 
 def _tidy_pages(pages: list[str]) -> list[str]:
     """Page texts as a reader sees them: running headers, footers and page numbers that repeat on most pages
-    dropped from the pages' edges, and words hyphenated at a line end joined (a lower-case letter on both
-    sides: "environ-" + "mental"; "state-owned" within a line is left alone)."""
+    dropped from the pages' edges, and words broken by a hyphen at a line end joined (see _join_hyphens)."""
     lines = [page.split("\n") if page else [] for page in pages]
     with_text = [ls for ls in lines if any(line.strip() for line in ls)]
     repeated: set[str] = set()
@@ -350,9 +349,21 @@ def _tidy_pages(pages: list[str]) -> list[str]:
             top += 1
         while bottom > max(top, len(ls) - _EDGE_LINES) and _is_running(ls[bottom - 1], page, repeated):
             bottom -= 1
-        kept = "\n".join(ls[top:bottom])
-        out.append(re.sub(r"([a-z])-\n([a-z])", r"\1\2", kept).strip())
-    return out
+        out.append("\n".join(ls[top:bottom]).strip())
+    return _join_hyphens(out)
+
+
+def _join_hyphens(pages: list[str]) -> list[str]:
+    """A word broken at a line end ("environ-" / "mental") joined, by what the document itself writes: as one word
+    when it writes the whole word elsewhere ("environmental"), else with its hyphen ("long-" / "term" is
+    "long-term": filings set from HTML are not hyphenated, so most line-end hyphens are the word's own)."""
+    words = {w.lower() for page in pages for w in re.findall(r"[A-Za-z]+", page)}
+
+    def join(m: re.Match[str]) -> str:
+        head, tail = m.group(1), m.group(2)
+        return head + tail if (head + tail).lower() in words else f"{head}-{tail}"
+
+    return [re.sub(r"([A-Za-z]+)-\n([a-z]+)", join, page) for page in pages]
 
 
 def _is_running(line: str, page: int, repeated: set[str]) -> bool:
