@@ -128,6 +128,10 @@ class IngestPipeline:
                 store.settle_job_items(session, job_id, doc_ids)
         with session_scope(self.factory) as session:
             store.compact_lexical_statistics(session)  # fold this batch's BM25 statistics deltas in
+        with session_scope(self.factory) as session:
+            analysed = store.analyze_grown(session)  # so the next questions are planned for the tables as they are
+        if analysed:
+            log.info("analysed %s after this batch", ", ".join(analysed))
         record_counts(self.factory, {
             ("ingest_documents", "indexed"): outcome.indexed, ("ingest_documents", "failed"): outcome.failed,
             ("ingest_documents", "skipped"): outcome.skipped, ("ingest_chunks", ""): timings["chunks"],
