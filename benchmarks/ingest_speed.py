@@ -411,6 +411,40 @@ def _drop_queue(redis_url: str, queue: str) -> None:
         client.close()
 
 
+@dataclass
+class Service:
+    """A running service for a benchmark: fresh database, the API under uvicorn, one Celery worker."""
+
+    db_url: str
+    base: str
+    api_pid: int
+    worker: WorkerProcess
+    key: str
+    logs: Path
+
+
+def service(stack: contextlib.ExitStack, name: str, redis_url: str, env: dict[str, str] | None = None) -> Service:
+    """Start Postgres with a fresh migrated database, the API and one worker (its queue of its own), all stopped
+    and cleaned up by the stack; the worker is started and the API ready on return. env: more PGSAGE_* settings."""
+    logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgsage-{name}-bench-{uuid.uuid4().hex[:6]}"
+    logs.mkdir(parents=True)
+    queue = f"pgsage-bench-{uuid.uuid4().hex[:8]}"
+    print("starting Postgres, the API and a worker ...", flush=True)
+    server = stack.enter_context(postgres_server())
+    db_url = stack.enter_context(scratch_database(server))
+    migrate(db_url)
+    key = admin_key(db_url, f"{name} benchmark")
+    full = {**os.environ, "PGSAGE_DATABASE_URL": db_url, "PGSAGE_REDIS_URL": redis_url, "PGSAGE_QUEUE_NAME": queue,
+            "PGSAGE_DATA_DIR": str(logs / "data"), "PGSAGE_WORKER_CONCURRENCY": "1", **(env or {})}
+    stack.callback(_drop_queue, redis_url, queue)
+    base, api_pid = stack.enter_context(api_server(full, logs / "api.log"))
+    worker = WorkerProcess(full, logs / "worker.log")
+    stack.callback(_worker_stop, worker)
+    worker.start(timeout=300)
+    wait_ready(base, logs / "api.log")
+    return Service(db_url, base, api_pid, worker, key, logs)
+
+
 def _ingest(client: httpx.Client, name: str, data: bytes, collection: str,
             worker: WorkerProcess, logs: Path) -> tuple[dict[str, Any], float, int]:
     """Upload a JSONL file and poll its job until every document is settled: (job, accepted after, polls)."""

@@ -25,7 +25,6 @@ import random
 import signal
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from sqlalchemy.orm import Session
 
 from app.embedding import chunker_key
 from tests.fixtures.bulk import add_bulk_collection, vocabulary
-from tests.fixtures.services import WorkerProcess, migrate, postgres_server, scratch_database
 
 DATA = bench.ROOT.parent / "shared" / "data"
 CORPUS = DATA / "squad-articles" / "corpus"
@@ -75,25 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     questions = [json.loads(line)["question"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     sample = random.Random(args.seed).sample(questions, args.queries + 10)
     warmup, sample = sample[:10], sample[10:]
-    logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"pgsage-skew-bench-{uuid.uuid4().hex[:6]}"
-    logs.mkdir(parents=True)
-    queue = f"pgsage-bench-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
-        print("starting Postgres, the API and a worker ...", flush=True)
-        server = stack.enter_context(postgres_server())
-        db_url = stack.enter_context(scratch_database(server))
-        migrate(db_url)
-        key = bench.admin_key(db_url, "skew benchmark")
-        env = {**os.environ, "PGSAGE_DATABASE_URL": db_url, "PGSAGE_REDIS_URL": args.redis_url,
-               "PGSAGE_QUEUE_NAME": queue, "PGSAGE_DATA_DIR": str(logs / "data"), "PGSAGE_WORKER_CONCURRENCY": "1",
-               "PGSAGE_QUERY_CACHE_SIZE": "0", "PGSAGE_RATE_LIMIT_PER_MINUTE": "0"}
-        stack.callback(bench._drop_queue, args.redis_url, queue)
-        base, _ = stack.enter_context(bench.api_server(env, logs / "api.log"))
-        worker = WorkerProcess(env, logs / "worker.log")
-        stack.callback(bench._worker_stop, worker)
-        worker.start(timeout=300)
-        bench.wait_ready(base, logs / "api.log")
-        with httpx.Client(base_url=base, timeout=300, headers=bench.auth(key)) as client:
+        svc = bench.service(stack, "skew", args.redis_url,
+                            {"PGSAGE_QUERY_CACHE_SIZE": "0", "PGSAGE_RATE_LIMIT_PER_MINUTE": "0"})
+        db_url, worker = svc.db_url, svc.worker
+        with httpx.Client(base_url=svc.base, timeout=300, headers=bench.auth(svc.key)) as client:
             from app.cli import _expand, _ingest_files
 
             print(f"ingesting {CORPUS} (untimed) ...", flush=True)
