@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     # External services. Unset means the embedded default (pgserver + a file-system broker).
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("PGSAGE_DATABASE_URL", "DATABASE_URL"))
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("PGSAGE_REDIS_URL", "REDIS_URL"))
+    # A streaming replica of the database for searches and answers (writes, jobs and key checks stay on the
+    # primary). A read waits up to read_replica_wait_ms for the replica to replay what the primary had
+    # committed when the request began, else reads the primary; an unreachable replica is retried after
+    # read_replica_retry_seconds.
+    database_read_url: str | None = None
+    read_replica_wait_ms: int = Field(default=50, ge=0, le=10_000)
+    read_replica_retry_seconds: float = Field(default=10.0, gt=0)
     data_dir: Path = Path(".pgsage")
 
     # Embedding model and chunking: together they make the model fingerprint.
@@ -174,7 +181,7 @@ class Settings(BaseSettings):
         # OpenAI-compatible local servers need no key, but the client refuses an empty one.
         return "not-needed" if v is None or (isinstance(v, str) and not v.strip()) else v
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_read_url")
     @classmethod
     def _sqlalchemy_driver(cls, v: str | None) -> str | None:
         """Accept plain postgres:// URLs and pin the psycopg 3 driver."""

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -21,6 +22,7 @@ from app.api.limits import BodySizeLimit, BodyTooLarge
 from app.api.ratelimit import make_limiter
 from app.api.routes import admin, documents, health, search
 from app.config import Settings, get_settings
+from app.db.replica import ReadReplica
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import EmbedderPool
 from app.errors import AppError
@@ -67,7 +69,16 @@ def build_resources(settings: Settings) -> Resources:
             timeout=settings.llm_timeout_s,
             max_retries=1,
         )
+    replica = None
+    if settings.database_read_url:
+        replica = ReadReplica(
+            make_sessionmaker(make_engine(settings, url=settings.database_read_url, connect_timeout=2)),
+            max_wait_s=settings.read_replica_wait_ms / 1000, retry_after_s=settings.read_replica_retry_seconds,
+        )
+        log.info("searches and answers read from the replica at %s",
+                 make_url(settings.database_read_url).render_as_string(hide_password=True))
     return Resources(
+        replica=replica,
         settings=settings,
         engine=engine,
         factory=factory,
@@ -110,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = build_resources(settings)
         yield
         app.state.resources.engine.dispose()
+        if app.state.resources.replica is not None:
+            app.state.resources.replica.dispose()
 
     app = FastAPI(
         title="pgsage",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.ratelimit import Limiter
 from app.config import Settings
+from app.db.replica import ReadReplica
 from app.query.pipeline import QueryPipeline
 
 
@@ -28,6 +29,7 @@ class Resources:
     limiter: Limiter  # requests per key
     failures: Limiter  # requests without a valid key, per client address
     metrics: Any  # the service-wide collectors of /metrics (app.metrics.service_registry)
+    replica: ReadReplica | None = None  # PGSAGE_DATABASE_READ_URL: where searches and answers read
 
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency on its thread pool, and
@@ -63,6 +65,24 @@ def _finish(session: Session, *, commit: bool) -> None:
         session.close()
 
 
+def get_read_session(resources: Annotated[Resources, Depends(get_resources)],
+                     session: Annotated[Session, Depends(get_session, scope="function")]) -> Iterator[Session]:
+    """Where a search or an answer reads: a session on the read replica that has caught up with the primary,
+    else the request's own session on the primary. Declare it after the key check, so a refused request never
+    reaches the replica."""
+    replica = resources.replica.session(session) if resources.replica is not None else None
+    if replica is None:
+        yield session
+        return
+    try:
+        yield replica
+    finally:
+        replica.rollback()  # read only: nothing to commit
+        replica.close()
+
+
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 # scope="function": commit before the response is sent, so a client never reads its own write stale.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+# The key check is read on the primary (a revoked key stops at once); the search itself may read a replica.
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]

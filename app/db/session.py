@@ -21,15 +21,16 @@ def database_url(settings: Settings) -> str:
     return embedded_database_url(settings.data_dir)
 
 
-def make_engine(settings: Settings, *, pool_size: int = 10) -> Engine:
-    """One engine per process; pre-ping so a restarted Postgres is noticed, not fatal."""
+def make_engine(settings: Settings, *, pool_size: int = 10, url: str | None = None, connect_timeout: int = 5) -> Engine:
+    """One engine per process (and one more for a read replica, at url); pre-ping so a restarted Postgres is
+    noticed, not fatal."""
     engine = create_engine(
-        database_url(settings),
+        url or database_url(settings),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 5},
+        connect_args={"connect_timeout": connect_timeout},
     )
     event.listen(engine, "connect", _register_vector)
     event.listen(engine, "connect", _hnsw_defaults(settings))

@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 
 from app.api.auth import Reader, check_collection, check_reranker
-from app.api.deps import ResourcesDep, SessionDep
+from app.api.deps import ReadSessionDep, ResourcesDep
 from app.api.schemas import (
     V1_ERRORS,
     AskIn,
@@ -72,7 +72,7 @@ ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/search", response_model=SearchOut, summary="Ranked chunks for a query")
-def search(body: SearchIn, principal: Reader, session: SessionDep, resources: ResourcesDep) -> SearchOut:
+def search(body: SearchIn, principal: Reader, session: ReadSessionDep, resources: ResourcesDep) -> SearchOut:
     check_collection(principal, body.collection, "read")
     check_reranker(principal, body.rerank, resources.settings.rerank)
     pipeline = resources.query
@@ -114,7 +114,7 @@ def search(body: SearchIn, principal: Reader, session: SessionDep, resources: Re
 @router.post("/ask", response_model=AskOut, responses=ASK_RESPONSES,
              summary="An answer with citations to the chunks it used", description=SSE_DESCRIPTION)
 def ask(
-    body: AskIn, principal: Reader, session: SessionDep, resources: ResourcesDep
+    body: AskIn, principal: Reader, session: ReadSessionDep, resources: ResourcesDep
 ) -> AskOut | StreamingResponse:
     check_collection(principal, body.collection, "read")
     check_reranker(principal, body.rerank, resources.settings.rerank)
