@@ -61,3 +61,28 @@ def test_a_page_without_text_is_reported() -> None:
     assert doc.metadata["pages_without_text"] == [2]
     assert "First page text." in doc.content
     assert "Third page text." in doc.content
+
+
+def _with_title(pdf: bytes, title: str) -> bytes:
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    writer.append(PdfReader(io.BytesIO(pdf)))
+    writer.add_metadata({"/Title": title})
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def test_a_title_that_is_an_identifier_gives_way_to_the_file_name() -> None:
+    body = make_pdf(["Net sales rose 20 percent.", "Operating income doubled."])
+    # Filings often carry their EDGAR accession number as the PDF title: no word a question could match.
+    [filing] = load_upload("AMAZON_2017_10K.pdf", None, _with_title(body, "0000909832-21-000014"), 10**7)
+    assert filing.title == "AMAZON 2017 10K"
+    assert filing.content.startswith("AMAZON 2017 10K")
+    [titled] = load_upload("amzn-10k.pdf", None, _with_title(body, "Amazon.com Annual Report 2017"), 10**7)
+    assert titled.title == "Amazon.com Annual Report 2017"
+    [plain] = load_upload("quarterly_report__q2.pdf", None, body, 10**7)
+    assert plain.title == "quarterly report q2"

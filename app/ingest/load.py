@@ -164,6 +164,17 @@ def _require_text(text: str, name: str) -> str:
     return text
 
 
+# A title has a word in it; "0000909832-21-000014" (a filing's accession number, as some PDFs carry) has none.
+_READS_AS_TITLE = re.compile(r"[^\W\d_]{2,}")
+
+
+def name_title(name: str) -> str:
+    """A file's name as a title: its stem with underscores as spaces ("AMAZON_2017_10K.pdf" -> "AMAZON 2017 10K"),
+    so the words are words to the analyser and the heading path (Markdown would read underscores as emphasis)."""
+    stem = PurePosixPath(name).stem
+    return " ".join(re.sub(r"_+", " ", stem).split()) or stem
+
+
 def _markdown_title(text: str) -> str | None:
     m = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
     return m.group(1).strip() if m else None
@@ -285,6 +296,8 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, s
         pages = _tidy_pages([_clean(_plain(page.extract_text() or "")) for page in reader.pages])
         info = reader.metadata
         title = _plain(str(info.title)).strip() if info is not None and info.title else None
+        if title and not _READS_AS_TITLE.search(title):
+            title = None  # an identifier in the Title field (an EDGAR accession number...): the file name is better
     except FileNotDecryptedError:
         raise BadInput(f"{name} is password-protected: it opens only with a password; send a copy without "
                        "one") from None
@@ -479,27 +492,27 @@ def load_upload(
     if kind == "pdf":
         args = (data, name, max_pages)
         title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
-        return [LoadedDocument(name, title or PurePosixPath(name).stem, text, source=name, metadata=meta,
+        return [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta,
                                format="pdf")]
     if kind in OFFICE:
         fn = OFFICE[kind]
         title, markdown = sandbox.run(fn, (data, name), budget, name) if budget else fn(data, name)
-        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(_clean(markdown), name),
+        return [LoadedDocument(name, title or name_title(name), _require_text(_clean(markdown), name),
                                source=name, format="markdown")]
     text = _decode(data, name)
     if kind == "csv":
         _, markdown = office.load_csv(text, name)
-        return [LoadedDocument(name, PurePosixPath(name).stem, _require_text(_clean(markdown), name), source=name,
+        return [LoadedDocument(name, name_title(name), _require_text(_clean(markdown), name), source=name,
                                format="markdown")]
     if kind == "jsonl":
         return _load_jsonl(text, name)
     if kind == "html":
         title, body = sandbox.run(_load_html, (text,), budget, name) if budget else _load_html(text)
-        return [LoadedDocument(name, title or PurePosixPath(name).stem, _require_text(body, name), source=name,
+        return [LoadedDocument(name, title or name_title(name), _require_text(body, name), source=name,
                                format="markdown")]
     body = _require_text(_clean(text), name)
     title = _markdown_title(body) if kind == "markdown" else None
-    return [LoadedDocument(name, title or PurePosixPath(name).stem, body, source=name,
+    return [LoadedDocument(name, title or name_title(name), body, source=name,
                            format="markdown" if kind == "markdown" else "text")]
 
 
