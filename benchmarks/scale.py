@@ -53,16 +53,14 @@ from sqlalchemy import text  # noqa: E402
 
 from app.config import Settings  # noqa: E402
 from app.db.session import make_engine, make_sessionmaker, session_scope  # noqa: E402
-from app.embedding import (
-    EmbedderPool,
-    chunker_key,
-)
+from app.embedding import EmbedderPool, chunker_key  # noqa: E402
 from app.eval.beir import load_queries  # noqa: E402
 from app.ingest import store  # noqa: E402
 from app.ingest.chunk import ChunkSpan  # noqa: E402
 from app.ingest.embed import Embedded  # noqa: E402
 from app.ingest.load import LoadedDocument, load_upload  # noqa: E402
 from app.ingest.pipeline import chunker_for  # noqa: E402
+from app.models import EmbeddingModel  # noqa: E402
 from app.query import retrieve  # noqa: E402
 from app.query.pipeline import QueryPipeline, SearchRequest  # noqa: E402
 from app.reindex import spaces  # noqa: E402
@@ -222,7 +220,8 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid: int, queries: list[str],
-            vectors: np.ndarray, settings: Settings, build_index: bool) -> dict[str, Any]:
+            vectors: np.ndarray, settings: Settings, build_index: bool,
+            other_index_types: tuple[str, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with engine.connect() as conn:  # settled statistics and visibility map, as autovacuum leaves a table
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -270,7 +269,7 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
     out["hybrid_filtered_5pct"] = {**_summary(times), "returned_k": round(full / len(queries), 4)}
     # HNSW recall@10 against an exact scan of the same rows.
     dim, mid = int(space.dimension), int(space.id)
-    recalls, exact_ms = [], []
+    recalls, exact_ms, truths = [], [], []
     with session_scope(factory) as session:
         for vec in vectors:
             literal = retrieve.vector_literal(vec)
@@ -282,6 +281,7 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
                  ORDER BY (embedding::vector({dim})) <=> CAST(:q AS vector({dim})) LIMIT {K}"""),
                 {"c": cid, "q": literal}).scalars().all())
             exact_ms.append((time.perf_counter() - t) * 1000)
+            truths.append(truth)
             session.execute(text("RESET enable_indexscan"))
             session.execute(text("RESET enable_bitmapscan"))
             hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=settings.hnsw_ef_search,
@@ -289,7 +289,37 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
             recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
     out["recall_at_10"] = round(statistics.fmean(recalls), 4)
     out["exact_scan_ms_p50"] = round(statistics.median(exact_ms), 1)
+    for kind in other_index_types:
+        out[kind] = other_index(engine, factory, space, cid, vectors, truths, kind, settings)
     return out
+
+
+def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.ndarray, truths: list[set[int]],
+                kind: str, settings: Settings) -> dict[str, Any]:
+    """An HNSW index of another type (halfvec) built beside the space's own, as a space of that type gets it:
+    its build time, size and recall@10 against the same exact top 10; dropped after."""
+    index = spaces.index_name("chunk_vectors", space.id)
+    name = f"{index}_{kind}"
+    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind).replace(index, name)
+    t = time.perf_counter()
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(ddl))
+    build_s = time.perf_counter() - t
+    shown = EmbeddingModel(id=space.id, name=space.name, dimension=space.dimension,
+                           params={**(space.params or {}), "index_type": kind})
+    recalls, times = [], []
+    with session_scope(factory) as session:
+        size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
+        for vec, truth in zip(vectors, truths, strict=True):
+            t = time.perf_counter()
+            hits = retrieve.dense_chunks(session, shown, vec, cid, K, filters=None, ef_search=settings.hnsw_ef_search,
+                                         max_scan_tuples=settings.hnsw_max_scan_tuples)
+            times.append((time.perf_counter() - t) * 1000)
+            recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
+    return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1),
+            "recall_at_10": round(statistics.fmean(recalls), 4), "dense_leg": _summary(times)}
 
 
 def questions(n: int, seed: int = 11) -> list[str]:
@@ -328,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--build-index-up-to", type=int, default=1_000_000,
                         help="measure the HNSW build time at sizes up to this many chunks")
+    parser.add_argument("--index-types", nargs="*", default=["halfvec"], choices=["halfvec", "vector"],
+                        help="HNSW index types to build beside the space's own at each size, for size and recall")
     parser.add_argument("--base-documents", type=int, default=None, help="use only this many real documents")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", "/tmp")) / "pgsage")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -369,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{size}] measuring ...", flush=True)
             row = {"size": size, "store_chunks_per_s": round(chunks / seconds, 1), "store_s": round(seconds, 1),
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings,
-                             size <= args.build_index_up_to)}
+                             size <= args.build_index_up_to,
+                             tuple(k for k in args.index_types if k != space.index_type))}
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +418,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['dense']['p50_ms']:>6}/{r['dense']['p95_ms']:<7} "
               f"{r['lexical']['p50_ms']:>7}/{r['lexical']['p95_ms']:<8} {f['p95_ms']:>9}, {f['returned_k']:<6} "
               f"{r['recall_at_10']:>9}")
+    for r in result["sizes"]:
+        for kind in args.index_types:
+            if kind in r:
+                h = r[kind]
+                print(f"{r['chunks']:>9} {kind} index: {h['index_mib']} MiB "
+                      f"({h['index_mib'] / max(r['sizes_mib']['hnsw_index'], 1e-9):.2f} of the space's), built in "
+                      f"{h['build_s']} s, recall@10 {h['recall_at_10']} (space's: {r['recall_at_10']}), "
+                      f"dense leg p95 {h['dense_leg']['p95_ms']} ms")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
