@@ -221,7 +221,7 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid: int, queries: list[str],
             vectors: np.ndarray, settings: Settings, build_index: bool,
-            other_index_types: tuple[str, ...] = ()) -> dict[str, Any]:
+            other_index_types: tuple[str, ...] = (), ef_searches: tuple[int, ...] = ()) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with engine.connect() as conn:  # settled statistics and visibility map, as autovacuum leaves a table
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -289,6 +289,18 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
             recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
     out["recall_at_10"] = round(statistics.fmean(recalls), 4)
     out["exact_scan_ms_p50"] = round(statistics.median(exact_ms), 1)
+    sweep: dict[str, Any] = {}
+    with session_scope(factory) as session:  # what other ef_search values buy, for choosing the default
+        for ef in ef_searches:
+            hits_recall, times = [], []
+            for vec, truth in zip(vectors, truths, strict=True):
+                t = time.perf_counter()
+                hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=ef,
+                                             max_scan_tuples=settings.hnsw_max_scan_tuples)
+                times.append((time.perf_counter() - t) * 1000)
+                hits_recall.append(len(truth & {h.chunk_id for h in hits}) / K)
+            sweep[str(ef)] = {"recall_at_10": round(statistics.fmean(hits_recall), 4), "dense_leg": _summary(times)}
+    out["ef_search"] = sweep
     for kind in other_index_types:
         out[kind] = other_index(engine, factory, space, cid, vectors, truths, kind, settings)
     return out
@@ -360,16 +372,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the HNSW build time at sizes up to this many chunks")
     parser.add_argument("--index-types", nargs="*", default=["halfvec"], choices=["halfvec", "vector"],
                         help="HNSW index types to build beside the space's own at each size, for size and recall")
+    parser.add_argument("--ef-search", type=int, nargs="*", default=[40, 100, 200, 400],
+                        help="ef_search values whose recall@10 and dense-leg latency are measured at each size")
     parser.add_argument("--base-documents", type=int, default=None, help="use only this many real documents")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", "/tmp")) / "pgsage")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="build in an embedded server under this new directory and keep it (stopped) after")
     args = parser.parse_args(argv)
     sizes = sorted(args.sizes)
     result: dict[str, Any] = {"benchmark": "scale", "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
                               "machine": machine_info(), "queries": args.queries, "sizes": []}
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(postgres_server())
-        db_url = stack.enter_context(scratch_database(server))
+        if args.keep:  # an embedded server of its own that outlives the run, for looking into the results
+            from app.embedded import embedded_database_url, stop_embedded_database
+
+            if (args.keep / "pg").exists():
+                parser.error(f"{args.keep} already holds a database; give a new directory")
+            db_url = embedded_database_url(args.keep)
+            stack.callback(stop_embedded_database, args.keep)
+        else:
+            server = stack.enter_context(postgres_server())
+            db_url = stack.enter_context(scratch_database(server))
         migrate(db_url)
         settings = Settings(database_url=db_url, data_dir=args.cache / "data")
         engine = make_engine(settings, pool_size=WRITERS + 1)
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"size": size, "store_chunks_per_s": round(chunks / seconds, 1), "store_s": round(seconds, 1),
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings,
                              size <= args.build_index_up_to,
-                             tuple(k for k in args.index_types if k != space.index_type))}
+                             tuple(k for k in args.index_types if k != space.index_type), tuple(args.ef_search))}
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -426,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"({h['index_mib'] / max(r['sizes_mib']['hnsw_index'], 1e-9):.2f} of the space's), built in "
                       f"{h['build_s']} s, recall@10 {h['recall_at_10']} (space's: {r['recall_at_10']}), "
                       f"dense leg p95 {h['dense_leg']['p95_ms']} ms")
+    for r in result["sizes"]:
+        cells = [f"{ef}: recall {v['recall_at_10']} dense leg p95 {v['dense_leg']['p95_ms']} ms"
+                 for ef, v in r["ef_search"].items()]
+        print(f"{r['chunks']:>9} ef_search: " + ", ".join(cells))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
