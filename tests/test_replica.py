@@ -95,6 +95,9 @@ def test_searches_read_the_replica_see_fresh_writes_and_fall_back_to_the_primary
             assert answer.status_code == 200, answer.text
             assert "thirty" in answer.json()["answer"], answer.text
 
+            ready = client.get("/readyz").json()
+            assert ready["replica"]["state"] == "ok", ready
+
             # The replica ran them: its own scan counts grew, and the API counted the reads as the replica's.
             assert _replica_scans(replica) > scans
             served = _reads(client, "replica", "caught_up") - on_replica
@@ -117,6 +120,9 @@ def test_searches_read_the_replica_see_fresh_writes_and_fall_back_to_the_primary
             assert "cuttlefish" in r.json()["results"][0]["text"].lower(), r.text
             assert time.monotonic() - started < 5
             assert _reads(client, "primary", "unreachable") >= 1
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, ready.text  # the service is ready: the primary serves the reads
+            assert ready.json()["replica"]["state"] == "unreachable", ready.text
             assert client.post("/v1/ask", json={"question": "What do tidewater glaciers calve?",
                                                 "collection": "rep"}).status_code == 200
 

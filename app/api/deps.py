@@ -77,8 +77,7 @@ def get_read_session(resources: Annotated[Resources, Depends(get_resources)],
     try:
         yield replica
     finally:
-        replica.rollback()  # read only: nothing to commit
-        replica.close()
+        replica.close()  # read only: its transaction is rolled back
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from prometheus_client import Counter
 from sqlalchemy import text
@@ -41,6 +42,21 @@ class ReadReplica:
         bind = self.factory.kw.get("bind")
         if bind is not None:
             bind.dispose()
+
+    def status(self, primary: Session) -> dict[str, Any]:
+        """For readiness (a detail, not a condition): whether the replica answers, as a standby, and how far its
+        replay trails the primary, in bytes of WAL."""
+        position = primary.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
+        try:
+            with self.factory() as replica:
+                standby, behind = replica.execute(text(
+                    "SELECT pg_is_in_recovery(), pg_wal_lsn_diff(CAST(:at AS pg_lsn), pg_last_wal_replay_lsn())"
+                ), {"at": position}).one()
+        except DBAPIError as exc:
+            return {"state": "unreachable", "message": type(exc.orig or exc).__name__}
+        if not standby:
+            return {"state": "not a standby", "message": "the read replica is not in recovery; reads use the primary"}
+        return {"state": "ok", "replay_behind_bytes": max(0, int(behind or 0))}
 
     def session(self, primary: Session) -> Session | None:
         """A replica session that sees everything the primary had committed now, or None to read the primary."""

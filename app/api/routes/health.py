@@ -39,6 +39,9 @@ def _check(resources: Resources) -> dict[str, Any]:
             checks["model"] = configuration_state(session, resources.query.embedders.configured.spec)
     except Exception as exc:
         checks["model"] = {"state": "unknown", "message": f"{type(exc).__name__}"}
+    if resources.replica is not None:  # detail: reads fall back to the primary while it is away
+        with session_scope(resources.factory) as session:
+            checks["replica"] = resources.replica.status(session)
     try:
         with resources.celery.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
@@ -51,7 +54,7 @@ def _check(resources: Resources) -> dict[str, Any]:
 @router.get("/readyz", summary="The database and the broker answer", responses=error_responses(503))
 async def readyz(resources: ResourcesDep) -> dict[str, Any]:
     checks = await run_in_threadpool(_check, resources)
-    if any(v != "ok" for k, v in checks.items() if k != "model"):
+    if any(v != "ok" for k, v in checks.items() if k not in ("model", "replica")):
         raise Unavailable("not ready", detail=checks)
     return {"status": "ready", **checks}
 
