@@ -103,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {name} in {time.perf_counter() - started:.1f} s")
         with session_scope(factory) as session:
             size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
-            print(f"{kind}: index {name}, {size / 2**20:.1f} MiB")
-            shown = _as_type(space, kind)
-            for ef in efs:
+        print(f"{kind}: index {name}, {size / 2**20:.1f} MiB")
+        shown = _as_type(space, kind)
+        for ef in efs:
+            # A transaction per value: a query sets ef_search for its transaction only when it differs from the
+            # connection's default, so a value set before would otherwise stay in force for the default's turn.
+            with session_scope(factory) as session:
                 recalls, times = [], []
                 for vec, truth in zip(vectors, exact, strict=True):
                     t0 = time.perf_counter()

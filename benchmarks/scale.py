@@ -290,8 +290,10 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
     out["recall_at_10"] = round(statistics.fmean(recalls), 4)
     out["exact_scan_ms_p50"] = round(statistics.median(exact_ms), 1)
     sweep: dict[str, Any] = {}
-    with session_scope(factory) as session:  # what other ef_search values buy, for choosing the default
-        for ef in ef_searches:
+    for ef in ef_searches:  # what other ef_search values buy, for choosing the default
+        # A transaction per value: a query sets ef_search for its transaction only when it differs from the
+        # connection's default, so a value set before would otherwise stay in force for the default's turn.
+        with session_scope(factory) as session:
             hits_recall, times = [], []
             for vec, truth in zip(vectors, truths, strict=True):
                 t = time.perf_counter()
