@@ -29,6 +29,7 @@ from app.ingest import store
 from app.ingest.chunk import ChunkSpan
 from app.ingest.embed import Embedded
 from app.ingest.load import LoadedDocument
+from app.query import retrieve
 from app.reindex import spaces
 
 N_DOCS = 4000
@@ -51,6 +52,14 @@ class Corpus:
 
 def _metadata(i: int) -> dict[str, Any]:
     return {"group": i % GROUPS, "tag": "rare" if i in RARE else "plain", "labels": [f"l{i % 7}"]}
+
+
+@pytest.fixture(autouse=True)
+def hnsw_for_filters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the HNSW walk under a filter: a filter that keeps few documents is otherwise
+    searched exactly (retrieve.EXACT_FILTER_DOCUMENTS; its own test below keeps it)."""
+    if "exact_filter" not in request.node.name:
+        monkeypatch.setattr(retrieve, "EXACT_FILTER_DOCUMENTS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +112,8 @@ def corpus(client: TestClient, settings: Settings) -> Iterator[Corpus]:
 def _search(client: TestClient, corpus: Corpus, k: int, filters: dict[str, Any] | None,
             **extra: Any) -> list[dict[str, Any]]:
     body = {"query": QUERY, "k": k, "collection": corpus.collection, "filters": filters, **extra}
+    if "query" in extra:
+        body["query"] = extra["query"]
     r = client.post("/v1/search", json=body)
     assert r.status_code == 200, r.text
     return r.json()["results"]  # type: ignore[no-any-return]
@@ -159,6 +170,39 @@ def test_filtered_results_are_the_true_nearest_neighbours(client: TestClient, co
     # HNSW is approximate (and random vectors in 384 dimensions are its hardest case): most, not
     # necessarily all, of the exact top 10 are found.
     assert len(set(exact) & {r["chunk_id"] for r in results}) >= 8
+
+
+def test_exact_filter_search_of_few_documents_is_the_true_nearest_neighbours(
+    client: TestClient, corpus: Corpus
+) -> None:
+    """A filter that keeps few documents (200 here, under retrieve.EXACT_FILTER_DOCUMENTS) is searched exactly:
+    the dense results are the exact scan's top k, in its order, and the HNSW branch of the statement never
+    runs. The lexical leg's branch for few documents ranks exactly as the one for many does."""
+    k, filters = 10, {"group": 3}
+    with _WatchSQL(_api_engine(client)) as watch:
+        results = _search(client, corpus, k, filters, mode="dense")
+    statement, params = watch.search_statement()
+    with corpus.engine.begin() as conn:
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN (ANALYZE, COSTS off) " + statement, params))
+        conn.execute(text("SET LOCAL enable_indexscan = off"))
+        exact = conn.execute(text(f"""
+            SELECT cv.chunk_id FROM chunk_vectors cv JOIN documents d ON d.id = cv.document_id
+             WHERE cv.collection_id = :c AND cv.model_id = :m AND d.metadata @> '{{"group": 3}}'
+             ORDER BY cv.embedding::vector({corpus.dimension}) <=> CAST(:q AS vector({corpus.dimension})), cv.chunk_id
+             LIMIT :k"""), {"c": corpus.collection_id, "m": corpus.space_id, "q": params["v"], "k": k},
+        ).scalars().all()
+    assert [r["chunk_id"] for r in results] == exact
+    # The filtered documents' vectors were read by document (200 loops); no HNSW walk ran.
+    assert re.search(r"Index Scan using ix_chunk_vectors_model_document on chunk_vectors .*loops=200\)", plan), plan
+    assert not re.search(r"Index Scan using \S*hnsw\S* on chunk_vectors \S+ \(actual", plan), plan
+
+    few = _search(client, corpus, k, filters, mode="lexical", query="synthetic document group")
+    retrieve.EXACT_FILTER_DOCUMENTS, saved = 0, retrieve.EXACT_FILTER_DOCUMENTS
+    try:
+        many = _search(client, corpus, k, filters, mode="lexical", query="synthetic document group")
+    finally:
+        retrieve.EXACT_FILTER_DOCUMENTS = saved
+    assert [r["chunk_id"] for r in few] == [r["chunk_id"] for r in many]
 
 
 def test_filter_matching_fewer_than_k_returns_all_of_them(client: TestClient, corpus: Corpus) -> None:
