@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             session.execute(text("RESET enable_indexscan"))
             session.execute(text("RESET enable_bitmapscan"))
         exact_s = time.perf_counter() - started
-        space = _as_type(space, space.index_type)  # a plain copy: usable after this session ends
+        space = as_index_type(space, space.index_type)  # a plain copy: usable after this session ends
         print(f"{len(ids)} queries of {args.split}; exact scans {exact_s / len(ids) * 1000:.1f} ms each; "
               f"space {mid} ({space.name}, {dim} dims)")
     ok = True
@@ -104,25 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         with session_scope(factory) as session:
             size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
         print(f"{kind}: index {name}, {size / 2**20:.1f} MiB")
-        shown = _as_type(space, kind)
+        shown = as_index_type(space, kind)
         for ef in efs:
-            # A transaction per value: a query sets ef_search for its transaction only when it differs from the
-            # connection's default, so a value set before would otherwise stay in force for the default's turn.
-            with session_scope(factory) as session:
-                recalls, times = [], []
-                for vec, truth in zip(vectors, exact, strict=True):
-                    t0 = time.perf_counter()
-                    hits = retrieve.dense_chunks(session, shown, vec, cid, K, filters=None, ef_search=ef,
-                                                 max_scan_tuples=settings.hnsw_max_scan_tuples)
-                    times.append((time.perf_counter() - t0) * 1000)
-                    recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
-                recall = statistics.fmean(recalls)
-                perfect = sum(1 for r in recalls if r == 1.0)
-                print(f"  ef_search {ef:>4}: recall@10 {recall:.4f} ({perfect}/{len(recalls)} queries perfect), "
-                      f"HNSW query {statistics.median(times):.1f} ms median")
-                if ef == settings.hnsw_ef_search and kind == space.index_type:
-                    ok = recall >= TARGET
-                    print(f"  default ef_search {ef}: {'OK' if ok else 'BELOW'} (target >= {TARGET})")
+            recalls, times = measure_recall(factory, shown, vectors, exact, cid, ef, settings.hnsw_max_scan_tuples)
+            recall = statistics.fmean(recalls)
+            perfect = sum(1 for r in recalls if r == 1.0)
+            print(f"  ef_search {ef:>4}: recall@10 {recall:.4f} ({perfect}/{len(recalls)} queries perfect), "
+                  f"HNSW query {statistics.median(times):.1f} ms median")
+            if ef == settings.hnsw_ef_search and kind == space.index_type:
+                ok = recall >= TARGET
+                print(f"  default ef_search {ef}: {'OK' if ok else 'BELOW'} (target >= {TARGET})")
         if kind != space.index_type:
             with engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX IF EXISTS {name}"))
@@ -130,7 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _as_type(space: Any, kind: str) -> Any:
+def measure_recall(factory: Any, space: Any, vectors: Any, truths: list[set[int]], cid: int, ef: int,
+                   max_scan_tuples: int) -> tuple[list[float], list[float]]:
+    """Per query: the dense leg's recall@K against its exact top K, and its time in ms, at this ef_search.
+
+    In a transaction of its own: a query sets ef_search for its transaction only when it differs from the
+    connection's default, so a value set earlier in the same transaction would stay in force for the default's turn.
+    """
+    recalls, times = [], []
+    with session_scope(factory) as session:
+        for vec, truth in zip(vectors, truths, strict=True):
+            t0 = time.perf_counter()
+            hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=ef,
+                                         max_scan_tuples=max_scan_tuples)
+            times.append((time.perf_counter() - t0) * 1000)
+            recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
+    return recalls, times
+
+
+def as_index_type(space: Any, kind: str) -> Any:
     """The space as the query path sees it, with its HNSW index in `kind` (not written back)."""
     from app.models import EmbeddingModel
 

@@ -47,15 +47,19 @@ def _impact(avgdl: float) -> str:
     return f"(tf::float8 / (tf + {K1} * (1 - {B} + {B} * chunk_length / {avgdl:.4f})))"
 
 
-def pruned(session: Any, query: str, cid: int, chunker: str, n: int, m: int, avgdl: float) -> list[int]:
-    """The n best passages from each query term's m highest-impact postings (scored from those alone)."""
-    rows = session.execute(text(f"""
-        WITH terms AS (
+# The query's terms, the chunk set's statistics and each term's IDF, as the service's lexical statement has them.
+_HEAD = f"""WITH terms AS (
             SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{retrieve.TEXT_SEARCH_CONFIG}', :q))
         ), stats AS ({retrieve._size(":ck")}
         ), idf AS (
             SELECT t.term, {retrieve._idf(retrieve._df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
-        ), p AS (
+        ), """
+
+
+def pruned(session: Any, query: str, cid: int, chunker: str, n: int, m: int, avgdl: float) -> list[int]:
+    """The n best passages from each query term's m highest-impact postings (scored from those alone)."""
+    rows = session.execute(text(f"""
+        {_HEAD}p AS (
             SELECT i.term, x.chunk_id, x.tf, x.chunk_length
               FROM idf i CROSS JOIN LATERAL (
                    SELECT chunk_id, tf, chunk_length FROM chunk_postings
@@ -73,12 +77,7 @@ def rescored(session: Any, query: str, cid: int, chunker: str, n: int, m: int, a
     """The n best passages among those in some term's m highest-impact postings, each scored exactly (all its
     postings of the query terms, one index probe per passage and term)."""
     rows = session.execute(text(f"""
-        WITH terms AS (
-            SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{retrieve.TEXT_SEARCH_CONFIG}', :q))
-        ), stats AS ({retrieve._size(":ck")}
-        ), idf AS (
-            SELECT t.term, {retrieve._idf(retrieve._df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
-        ), cand AS MATERIALIZED (
+        {_HEAD}cand AS MATERIALIZED (
             SELECT DISTINCT x.chunk_id
               FROM idf i CROSS JOIN LATERAL (
                    SELECT chunk_id FROM chunk_postings

@@ -60,11 +60,11 @@ from app.ingest.chunk import ChunkSpan  # noqa: E402
 from app.ingest.embed import Embedded  # noqa: E402
 from app.ingest.load import LoadedDocument, load_upload  # noqa: E402
 from app.ingest.pipeline import chunker_for  # noqa: E402
-from app.models import EmbeddingModel  # noqa: E402
 from app.query import retrieve  # noqa: E402
 from app.query.pipeline import QueryPipeline, SearchRequest  # noqa: E402
 from app.reindex import spaces  # noqa: E402
 from app.reindex.plan import plan  # noqa: E402
+from benchmarks.hnsw_recall import as_index_type, measure_recall  # noqa: E402
 from benchmarks.ingest_speed import machine_info  # noqa: E402
 from tests.fixtures.services import migrate, postgres_server, scratch_database  # noqa: E402
 
@@ -271,7 +271,7 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
     out["hybrid_filtered_5pct"] = {**_summary(times), "returned_k": round(full / len(queries), 4)}
     # HNSW recall@10 against an exact scan of the same rows.
     dim, mid = int(space.dimension), int(space.id)
-    recalls, exact_ms, truths = [], [], []
+    exact_ms, truths = [], []
     with session_scope(factory) as session:
         for vec in vectors:
             literal = retrieve.vector_literal(vec)
@@ -286,24 +286,14 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
             truths.append(truth)
             session.execute(text("RESET enable_indexscan"))
             session.execute(text("RESET enable_bitmapscan"))
-            hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=settings.hnsw_ef_search,
-                                         max_scan_tuples=settings.hnsw_max_scan_tuples)
-            recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
+    recalls, _ = measure_recall(factory, space, vectors, truths, cid, settings.hnsw_ef_search,
+                                settings.hnsw_max_scan_tuples)
     out["recall_at_10"] = round(statistics.fmean(recalls), 4)
     out["exact_scan_ms_p50"] = round(statistics.median(exact_ms), 1)
     sweep: dict[str, Any] = {}
     for ef in ef_searches:  # what other ef_search values buy, for choosing the default
-        # A transaction per value: a query sets ef_search for its transaction only when it differs from the
-        # connection's default, so a value set before would otherwise stay in force for the default's turn.
-        with session_scope(factory) as session:
-            hits_recall, times = [], []
-            for vec, truth in zip(vectors, truths, strict=True):
-                t = time.perf_counter()
-                hits = retrieve.dense_chunks(session, space, vec, cid, K, filters=None, ef_search=ef,
-                                             max_scan_tuples=settings.hnsw_max_scan_tuples)
-                times.append((time.perf_counter() - t) * 1000)
-                hits_recall.append(len(truth & {h.chunk_id for h in hits}) / K)
-            sweep[str(ef)] = {"recall_at_10": round(statistics.fmean(hits_recall), 4), "dense_leg": _summary(times)}
+        hits_recall, times = measure_recall(factory, space, vectors, truths, cid, ef, settings.hnsw_max_scan_tuples)
+        sweep[str(ef)] = {"recall_at_10": round(statistics.fmean(hits_recall), 4), "dense_leg": _summary(times)}
     out["ef_search"] = sweep
     for kind in other_index_types:
         out[kind] = other_index(engine, factory, space, cid, vectors, truths, kind, settings)
@@ -321,17 +311,10 @@ def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.nda
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(ddl))
     build_s = time.perf_counter() - t
-    shown = EmbeddingModel(id=space.id, name=space.name, dimension=space.dimension,
-                           params={**(space.params or {}), "index_type": kind})
-    recalls, times = [], []
     with session_scope(factory) as session:
         size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
-        for vec, truth in zip(vectors, truths, strict=True):
-            t = time.perf_counter()
-            hits = retrieve.dense_chunks(session, shown, vec, cid, K, filters=None, ef_search=settings.hnsw_ef_search,
-                                         max_scan_tuples=settings.hnsw_max_scan_tuples)
-            times.append((time.perf_counter() - t) * 1000)
-            recalls.append(len(truth & {h.chunk_id for h in hits}) / K)
+    recalls, times = measure_recall(factory, as_index_type(space, kind), vectors, truths, cid, settings.hnsw_ef_search,
+                                    settings.hnsw_max_scan_tuples)
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
     return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1),
