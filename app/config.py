@@ -137,8 +137,9 @@ class Settings(BaseSettings):
 
     # Worker and API.
     worker_concurrency: int = Field(default=1, ge=1, le=64)
-    # Threads each worker process embeds on (torch's and onnxruntime's intra-op pools). Unset: the machine's
-    # cores shared out between the worker processes, so they never oversubscribe the CPU.
+    # Threads each worker process embeds on (torch's intra-op pool; for the onnx backends as many lanes of one
+    # thread, see embedding.Embedder). Unset: the machine's cores shared out between the worker processes, so
+    # they never oversubscribe the CPU.
     worker_threads: int | None = Field(default=None, ge=1, le=256)
     # Worker processes lower their CPU priority by this much, so that on a shared machine questions
     # (the API) are answered promptly while ingestion and re-indexing take the CPU left over.

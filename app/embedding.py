@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,11 @@ from app.config import Settings
 from app.ingest.chunk import CHUNKER_VERSION
 
 log = logging.getLogger(__name__)
+
+# Lanes (see Embedder): each encodes with this batch size (one thread prefers small batches: measured 8 best of
+# 8-32 for int8, BENCHMARKS.md), and an encode is split only when each lane gets this many texts.
+LANE_BATCH = 8
+LANE_MIN_TEXTS = 16
 
 _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
@@ -113,14 +119,18 @@ def chunker_key(params: dict[str, Any]) -> str:
 class Embedder:
     """A SentenceTransformer configured by Settings; encode() returns float32 rows.
 
-    threads: the intra-op threads of the onnx backends (the API passes PGSAGE_QUERY_ENCODE_THREADS, as its
-    query thread sets torch's); by default torch's own count, which is what the torch backend uses here."""
+    threads: the threads one encode may use (the API passes PGSAGE_QUERY_ENCODE_THREADS, the worker its share
+    of the cores); by default torch's own count. The torch backend runs them as its intra-op pool. The onnx
+    backends run them, with lanes=True (the worker), as that many lanes of one thread each: the batches of a
+    large encode are taken by the lanes in turn and run side by side on one shared session; without
+    lanes (the API's one question at a time), as the session's intra-op pool. Lanes embed 1.15x the texts per
+    second of one run on two intra-op threads here: a 6-layer model on short texts leaves a pool's cores
+    idle between operators (BENCHMARKS.md, worker threads and batch size).
+    """
 
-    def __init__(self, settings: Settings, *, threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, threads: int | None = None, lanes: bool = False) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.models import Normalize, Pooling
 
         self.settings = settings
         self.path = resolve_model_path(settings.embedding_model)
@@ -131,22 +141,25 @@ class Embedder:
         if self.backend != "torch" and settings.embedding_device != "cpu":
             raise ValueError(f"PGSAGE_EMBEDDING_BACKEND={self.backend} runs on the CPU; "
                              f"PGSAGE_EMBEDDING_DEVICE is {settings.embedding_device}")
-        model = SentenceTransformer(self.path, device=settings.embedding_device)
-        modules: list[Any] = list(model)
-        pooling = next((m for m in modules if isinstance(m, Pooling)), None)
-        native_pooling = _pooling_name(pooling)
-        self.pooling = settings.embedding_pooling or native_pooling
-        if pooling is not None and self.pooling != native_pooling:
-            dim = pooling.get_embedding_dimension() if hasattr(pooling, "get_embedding_dimension") \
-                else pooling.get_sentence_embedding_dimension()
-            new_pooling = Pooling(dim, pooling_mode=self.pooling)
-            modules = [new_pooling if m is pooling else m for m in modules]
-        # Normalisation is applied here, after any truncation, so drop the model's own layer.
-        modules = [m for m in modules if not isinstance(m, Normalize)]
-        self.model = SentenceTransformer(modules=modules, device=settings.embedding_device)
-        self.model.max_seq_length = min(model.max_seq_length or 512, 512)
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        self.model, self.pooling = self._build()
+        # Each lane has its own SentenceTransformer (a tokenizer is not shared between threads); lane 0 is
+        # self.model. The torch backend has one lane: its module is not re-entrant across threads.
+        self._lanes = [self.model]
+        self._lane_pool: ThreadPoolExecutor | None = None
         if self.backend != "torch":
-            self._attach_onnx(threads)
+            parallel = lanes and threads > 1
+            session = self._onnx_session(1 if parallel else threads)
+            if parallel:
+                self._lanes += [self._build()[0] for _ in range(threads - 1)]
+                self._lane_pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="embed-lane")
+            from app import embedding_onnx
+
+            for model in self._lanes:
+                embedding_onnx.attach(model, session)
         native_dim = int(self.model.encode(["probe"], convert_to_numpy=True).shape[1])
         if settings.embedding_dimension and settings.embedding_dimension > native_dim:
             raise ValueError(
@@ -157,8 +170,30 @@ class Embedder:
         self.revision = settings.embedding_revision or self.weights
         self._lock = threading.Lock()
 
-    def _attach_onnx(self, threads: int | None) -> None:
-        """Run the transformer through onnxruntime on the exported file (exported into the data directory once)."""
+    def _build(self) -> tuple[Any, str]:
+        """The model from its folder with the configured pooling and without its normalisation layer; the pooling."""
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.models import Normalize, Pooling
+
+        settings = self.settings
+        model = SentenceTransformer(self.path, device=settings.embedding_device)
+        modules: list[Any] = list(model)
+        pooling = next((m for m in modules if isinstance(m, Pooling)), None)
+        native_pooling = _pooling_name(pooling)
+        chosen = settings.embedding_pooling or native_pooling
+        if pooling is not None and chosen != native_pooling:
+            dim = pooling.get_embedding_dimension() if hasattr(pooling, "get_embedding_dimension") \
+                else pooling.get_sentence_embedding_dimension()
+            new_pooling = Pooling(dim, pooling_mode=chosen)
+            modules = [new_pooling if m is pooling else m for m in modules]
+        # Normalisation is applied here, after any truncation, so drop the model's own layer.
+        modules = [m for m in modules if not isinstance(m, Normalize)]
+        built = SentenceTransformer(modules=modules, device=settings.embedding_device)
+        built.max_seq_length = min(model.max_seq_length or 512, 512)
+        return built, chosen
+
+    def _onnx_session(self, threads: int) -> Any:
+        """The onnxruntime session on the exported file (exported into the data directory once)."""
         from app import embedding_onnx
 
         if self.backend == "onnx-int8":
@@ -167,11 +202,7 @@ class Embedder:
         path = embedding_onnx.exported(self.path, self.weights, self.settings.data_dir, self.backend,
                                        self.quantization or None)
         self.onnx_file = embedding_onnx.file_hash(path)
-        if threads is None:
-            import torch
-
-            threads = torch.get_num_threads()
-        embedding_onnx.attach(self.model, path, threads)
+        return embedding_onnx.session(path, threads)
 
     @cached_property
     def spec(self) -> ModelSpec:
@@ -199,24 +230,70 @@ class Embedder:
         """Chunk budget in word pieces: the configured size, within the model's window less [CLS]/[SEP]."""
         return min(self.settings.chunk_max_tokens, int(self.model.max_seq_length or 256) - 2)
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
     def encode(self, texts: list[str], *, batch_size: int | None = None) -> np.ndarray:
         """Embed texts; rows are truncated to the configured dimension and L2-normalised if set."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         # torch is not re-entrant across threads for one module; the API serves from a thread pool. (An
-        # onnxruntime session is, but one run at a time already uses every thread it is given.)
+        # onnxruntime session is, but one encode already uses every thread or lane it is given.)
         with self._lock:
-            out = self.model.encode(
-                texts,
-                batch_size=batch_size or self.settings.embedding_batch_size,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            if self._lane_pool is None or len(texts) < LANE_MIN_TEXTS * self.lanes:
+                out = self._encode_on(self.model, texts, batch_size or self.settings.embedding_batch_size)
+            else:
+                out = self._encode_lanes(texts, batch_size or LANE_BATCH)
         vectors = np.asarray(out, dtype=np.float32)[:, : self.dimension]
         if self.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
         return vectors
+
+    @staticmethod
+    def _encode_on(model: Any, texts: list[str], batch_size: int) -> np.ndarray:
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
+                          dtype=np.float32)
+
+    def _encode_lanes(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Encode on every lane at once: the texts, sorted by length (so a batch pads little), are cut into batches
+        that each lane takes in turn as it finishes its last. Lanes that pull work, rather than shares dealt out
+        in advance, finish together even when Postgres or the API takes a core from one of them for a while.
+        Rows come back in the texts' order."""
+        assert self._lane_pool is not None
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        batches = iter([order[i : i + batch_size] for i in range(0, len(order), batch_size)])
+        taking = threading.Lock()
+        out: np.ndarray | None = None
+
+        def lane(model: Any) -> None:
+            nonlocal out
+            while True:
+                with taking:
+                    rows = next(batches, None)
+                if rows is None:
+                    return
+                part = self._encode_on(model, [texts[j] for j in rows], batch_size)
+                with taking:
+                    if out is None:
+                        out = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+                    out[rows] = part
+
+        others = [self._lane_pool.submit(lane, model) for model in self._lanes[1:]]
+        lane(self.model)
+        for f in others:
+            f.result()
+        assert out is not None
+        return out
+
+
+def worker_embedders(settings: Settings) -> EmbedderPool:
+    """The embedders of a worker process: PGSAGE_WORKER_THREADS (or its share of the cores) as torch's intra-op
+    threads, or as the onnx backends' lanes; torch then only pools, one thread per lane."""
+    threads = settings.worker_embed_threads
+    torch_threads(threads if settings.embedding_backend == "torch" else 1)
+    return EmbedderPool(settings, threads=threads, lanes=True)
 
 
 def torch_threads(n: int) -> None:
@@ -245,10 +322,12 @@ class EmbedderPool:
     with the old model until a re-index switches, and a worker can write to both spaces meanwhile.
     """
 
-    def __init__(self, settings: Settings, configured: Embedder | None = None, *, threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, configured: Embedder | None = None, *, threads: int | None = None,
+                 lanes: bool = False) -> None:
         self.settings = settings
         self.threads = threads
-        self.configured = configured or Embedder(settings, threads=threads)
+        self.lanes = lanes
+        self.configured = configured or Embedder(settings, threads=threads, lanes=lanes)
         self._by_fingerprint: dict[str, Embedder] = {self.configured.spec.fingerprint: self.configured}
         self._lock = threading.Lock()
 
@@ -273,7 +352,7 @@ class EmbedderPool:
                 "embedding_normalize": space.normalize,
                 "chunk_max_tokens": params.get("chunk_max_tokens", self.settings.chunk_max_tokens),
                 "chunk_overlap_tokens": params.get("chunk_overlap_tokens", self.settings.chunk_overlap_tokens),
-            }), threads=self.threads)
+            }), threads=self.threads, lanes=self.lanes)
             _check_weights(space, rebuilt)  # first: changed weights also change the exported file
             if params.get("onnx_file") and rebuilt.onnx_file != params["onnx_file"]:
                 raise ValueError(f"cannot rebuild the model of space {space.id} ({space.name}): its ONNX file "
@@ -294,7 +373,7 @@ class EmbedderPool:
                   "embedding_dimension": None}
         settings = self.settings.model_copy(update=update)
         try:
-            built = Embedder(settings, threads=self.threads)
+            built = Embedder(settings, threads=self.threads, lanes=self.lanes)
         except Exception as exc:
             raise ValueError(f"cannot load embedding model {name!r}: {type(exc).__name__}: {exc}") from exc
         with self._lock:

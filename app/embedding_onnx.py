@@ -107,10 +107,11 @@ def session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def attach(model: Any, path: Path, threads: int) -> None:
-    """Run the transformer of a SentenceTransformer through onnxruntime from the file at path."""
+def attach(model: Any, sess: Any) -> None:
+    """Run the transformer of a SentenceTransformer through an onnxruntime session (one session may serve several
+    models: its runs are thread-safe)."""
     transformer = _transformer(model)
-    transformer.model = OnnxTransformer(session(path, threads), transformer.model.config)
+    transformer.model = OnnxTransformer(sess, transformer.model.config)
 
 
 def _transformer(model: Any) -> Any:

@@ -3,8 +3,9 @@
 One run, on what the worker embeds (the chunks and quotable sentences of SciFact documents, loaded and chunked
 as the worker does, under their heading paths), with the configured backend (PGSAGE_EMBEDDING_BACKEND):
 
-1. batch size x intra-op threads in one process: texts/s for each batch size with 1 thread and with all the
-   machine's cores, the configurations taking turns over the same texts for several rounds (median kept);
+1. batch size x intra-op threads in one process: texts/s for each batch size with 1 thread, with all the
+   machine's cores, and with as many lanes of one thread as cores (the worker's way with the onnx backends,
+   embedding.Embedder), the configurations taking turns over the same texts for several rounds (median kept);
 2. the same texts split between as many worker processes as cores, each on one thread (what
    PGSAGE_WORKER_CONCURRENCY=<cores> with PGSAGE_WORKER_THREADS=1 does), against one process on all cores;
 3. one query at a time (as the API embeds it) on 1 thread and on all cores, p50/p95.
@@ -105,15 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. batch x threads, one process. The torch thread count is process-wide: set per configuration.
     models = {t: Embedder(settings, threads=t) for t in sorted({1, cores})}
+    # And the worker's way with the onnx backends: as many lanes of one thread as cores, on one session.
+    laned = Embedder(settings, threads=cores, lanes=True)
+    configurations = [(str(t), t, m) for t, m in models.items()]
+    if laned.lanes > 1:
+        configurations.append((f"{cores}L", 1, laned))
     seconds: dict[str, list[float]] = {}
     for r in range(args.rounds):
-        for threads, model in models.items():
+        for name, threads, model in configurations:
             torch_threads(threads)
             for batch in BATCHES:
                 model.encode(texts[:batch], batch_size=batch)
                 t = time.perf_counter()
                 model.encode(texts, batch_size=batch)
-                seconds.setdefault(f"{threads}x{batch}", []).append(time.perf_counter() - t)
+                seconds.setdefault(f"{name}x{batch}", []).append(time.perf_counter() - t)
         print(f"  round {r + 1}: " + ", ".join(f"{k} {len(texts) / v[-1]:.0f}/s" for k, v in seconds.items()),
               flush=True)
     rates = {k: round(len(texts) / float(np.median(v)), 1) for k, v in seconds.items()}
@@ -152,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print("texts/s     " + "".join(f"{'batch ' + str(b):>11}" for b in BATCHES))
-    for threads in models:
-        row = "".join(f"{rates[f'{threads}x{b}']:>11}" for b in BATCHES)
-        print(f"{threads} thread{'s' if threads > 1 else ' '}   {row}")
+    for name, threads, _ in configurations:
+        row = "".join(f"{rates[f'{name}x{b}']:>11}" for b in BATCHES)
+        label = f"{cores} lanes  " if name.endswith("L") else f"{threads} thread{'s' if threads > 1 else ' '}"
+        print(f"{label}   {row}")
     print(f"{cores} processes x 1 thread, batch {best_single}: {split} texts/s "
           f"(one process, best: {best} at {rates[best]})")
     for t, q in queries_out.items():

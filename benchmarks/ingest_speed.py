@@ -3,8 +3,9 @@
 Both are measured in one run, one after the other (never overlapping), on the same corpus:
 
 (a) raw: the documents are loaded as the API loads them (load_upload), chunked with the worker's
-    Chunker and settings, and Embedder.encode runs over every chunk text in one call with the worker's
-    batch size (PGSAGE_EMBEDDING_BATCH_SIZE). Only the encode is timed (chunking is reported apart).
+    Chunker and settings, and Embedder.encode, built as a worker process builds it (its threads, or its
+    lanes for the onnx backends), runs over every chunk text in one call as the worker calls it.
+    Only the encode is timed (chunking is reported apart).
 (b) end-to-end: a fresh database (tests.fixtures.services), a real Celery worker subprocess
     (concurrency 1) and the API under uvicorn in a subprocess are started and warmed up (models loaded)
     before the timer; the timer covers POST /v1/documents of the JSONL file until the job reports
@@ -216,13 +217,13 @@ class Prepared:
 
 
 def prepare(settings: Settings, name: str, data: bytes) -> Prepared:
-    from app.embedding import Embedder
+    from app.embedding import worker_embedders
     from app.ingest.chunk import Chunker
     from app.ingest.load import load_upload
 
     print("loading the model and chunking the corpus ...", flush=True)
     docs = load_upload(name, None, data, max(len(data), settings.max_upload_bytes))
-    embedder = Embedder(settings)
+    embedder = worker_embedders(settings).configured  # as a worker process builds it: threads, lanes
     chunker = Chunker(embedder.tokenizer, embedder.chunk_max_tokens, settings.chunk_overlap_tokens)
     t = time.perf_counter()
     chunked = [chunker.split(doc.content, kind=doc.format, title=doc.title) for doc in docs]
@@ -238,18 +239,22 @@ def probe(settings: Settings, prep: Prepared) -> float:
     """Chunks/s of a small fixed encode, run between phases to see whether the machine's speed drifted."""
     texts = prep.texts[:PROBE_CHUNKS]
     t = time.perf_counter()
-    prep.embedder.encode(texts, batch_size=settings.embedding_batch_size)
+    prep.embedder.encode(texts)
     return round(len(texts) / (time.perf_counter() - t), 2)
 
 
 def measure_raw(settings: Settings, prep: Prepared, grouped: bool) -> dict[str, Any]:
     embedder, chunked, texts = prep.embedder, prep.chunked, prep.texts
-    batch = settings.embedding_batch_size
-    print(f"[raw] encoding {len(texts)} chunks of {prep.documents} documents (batch size {batch}) ...",
+    from app.embedding import LANE_BATCH
+
+    # As the worker's encode calls: the configured batch size on one lane, LANE_BATCH on each of several.
+    batch = LANE_BATCH if embedder.lanes > 1 else settings.embedding_batch_size
+    print(f"[raw] encoding {len(texts)} chunks of {prep.documents} documents ({embedder.lanes} lanes, batch size "
+          f"{batch}) ...",
           flush=True)
     with CpuWindow({"benchmark": os.getpid()}) as cpu:
         t = time.perf_counter()
-        vectors = embedder.encode(texts, batch_size=batch)
+        vectors = embedder.encode(texts)
         encode_s = time.perf_counter() - t
     assert vectors.shape[0] == len(texts)
     chunk_s = prep.chunking_seconds
@@ -258,6 +263,7 @@ def measure_raw(settings: Settings, prep: Prepared, grouped: bool) -> dict[str, 
         "chunks": len(texts),
         "word_pieces": prep.word_pieces,
         "batch_size": batch,
+        "lanes": embedder.lanes,
         "chunk_max_tokens": embedder.chunk_max_tokens,
         "chunking_seconds": round(chunk_s, 3),
         "encode_seconds": round(encode_s, 3),
@@ -276,7 +282,7 @@ def measure_raw(settings: Settings, prep: Prepared, grouped: bool) -> dict[str, 
         with CpuWindow({"benchmark": os.getpid()}) as gcpu:
             t = time.perf_counter()
             for group in groups:
-                embedder.encode(group, batch_size=batch)
+                embedder.encode(group)
             grouped_s = time.perf_counter() - t
         result["grouped"] = {
             "documents_per_call": per_task,

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import text
 
 from app.config import Settings
-from app.embedding import Embedder, EmbedderPool, ModelSpec, _weights_hash, resolve_model_path
+from app.embedding import Embedder, EmbedderPool, ModelSpec, _weights_hash, resolve_model_path, worker_embedders
 from app.embedding_onnx import cpu_quantization, exported, file_hash
 from app.ingest.chunk import with_context
 from tests.fixtures.services import migrate, scratch_database, settings_of
@@ -119,17 +120,48 @@ def test_onnx_backend_exports_once_and_embeds_like_torch(
 
 
 def test_worker_processes_share_the_cores_without_oversubscribing(data_dir: Path) -> None:
-    """Each worker process embeds on its share of the cores (PGSAGE_WORKER_THREADS overrides), and the onnx
-    session gets exactly that many intra-op threads."""
+    """Each worker process embeds on its share of the cores (PGSAGE_WORKER_THREADS overrides). Given them as
+    intra-op threads (the API), the onnx session gets exactly that many; as lanes (the worker), each lane runs
+    on one thread of one shared session."""
     cores = os.cpu_count() or 1
     assert Settings(worker_concurrency=1).worker_embed_threads == cores
     assert Settings(worker_concurrency=cores).worker_embed_threads == 1
     assert Settings(worker_concurrency=cores * 4).worker_embed_threads == 1
     assert Settings(worker_concurrency=cores, worker_threads=3).worker_embed_threads == 3
-    threads = Settings(worker_concurrency=2).worker_embed_threads
-    embedder = Embedder(Settings(data_dir=data_dir, embedding_backend="onnx-int8"), threads=threads)
+    embedder = Embedder(Settings(data_dir=data_dir, embedding_backend="onnx-int8"), threads=2)
     session = embedder.model[0].model.session
-    assert session.get_session_options().intra_op_num_threads == threads
+    assert session.get_session_options().intra_op_num_threads == 2
+    assert embedder.lanes == 1
+    before = torch.get_num_threads()
+    try:
+        laned = worker_embedders(Settings(data_dir=data_dir, embedding_backend="onnx-int8",
+                                          worker_threads=2)).configured
+        assert torch.get_num_threads() == 1  # torch only pools, inside each lane
+    finally:
+        torch.set_num_threads(before)
+    assert laned.lanes == 2
+    sessions = {id(model[0].model.session) for model in laned._lanes}
+    assert len(sessions) == 1
+    assert laned.model[0].model.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_lanes_return_every_row_in_order_as_one_lane_would(data_dir: Path) -> None:
+    """A large encode run on two lanes gives each text its own vector, in the texts' order: the same
+    vectors as one lane, up to int8's batch-dependent activation scales."""
+    settings = Settings(data_dir=data_dir, embedding_backend="onnx-int8")
+    one = Embedder(settings, threads=1)
+    two = Embedder(settings, threads=2, lanes=True)
+    texts = [f"{i}: {TEXTS[i % len(TEXTS)]} {'and more words ' * (i % 7)}" for i in range(80)]
+    single = one.encode(texts, batch_size=8)
+    laned = two.encode(texts)
+    assert laned.shape == single.shape == (80, 384)
+    cosines = np.sum(single * laned, axis=1)
+    assert cosines.min() > 0.98
+    # Each row is its own text's: nearer to it than to any other text's row.
+    assert (np.argmax(laned @ single.T, axis=1) == np.arange(80)).all()
+    assert two.encode(texts[:3]).shape == (3, 384)  # few texts stay on one lane
+    # torch has one lane whatever it is asked: its module is not re-entrant.
+    assert Embedder(Settings(embedding_backend="torch"), threads=2, lanes=True).lanes == 1
 
 
 def test_fingerprints_differ_per_backend_and_file(data_dir: Path, torch_embedder: Embedder) -> None:

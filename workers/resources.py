@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db.session import make_engine, make_sessionmaker
-from app.embedding import EmbedderPool, torch_threads
+from app.embedding import EmbedderPool, worker_embedders
 from app.ingest.pipeline import IngestPipeline
 from app.reindex.pipeline import ReindexPipeline
 
@@ -41,9 +41,7 @@ def resources() -> WorkerResources:
                 os.nice(settings.worker_nice)
             engine = make_engine(settings, pool_size=3)
             factory = make_sessionmaker(engine)
-            threads = settings.worker_embed_threads
-            torch_threads(threads)
-            embedders = EmbedderPool(settings, threads=threads)
+            embedders = worker_embedders(settings)
             _resources = WorkerResources(
                 settings=settings,
                 engine=engine,
@@ -52,5 +50,6 @@ def resources() -> WorkerResources:
                 ingest=IngestPipeline(factory, embedders),
                 reindex=ReindexPipeline(settings, engine, factory, embedders),
             )
-            log.info("worker resources ready (model %s, %d threads)", embedders.configured.spec.fingerprint, threads)
+            log.info("worker resources ready (model %s, %d threads, %d lanes)", embedders.configured.spec.fingerprint,
+                     settings.worker_embed_threads, embedders.configured.lanes)
         return _resources
