@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     parse_memory_mb: int = Field(default=768, ge=64)
     parse_seconds: float = Field(default=60.0, gt=0)
     pdf_max_pages: int = Field(default=5000, ge=1)
+    # What extracts a PDF's text: pdfium (pypdfium2), pypdf or pdfplumber (pdfminer.six, tables as rows).
+    # Chosen by measurement on real filings (BENCHMARKS.md, PDF libraries): pdfium is 20x faster than pypdf and
+    # keeps a table's row on one line.
+    pdf_library: Literal["pypdf", "pdfium", "pdfplumber"] = "pdfium"
     max_documents_per_request: int = Field(default=10_000, ge=1)
     ingest_batch_documents: int = Field(default=256, ge=1, le=10_000)
     ingest_stall_minutes: int = Field(default=15, ge=1)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pypdf import PdfReader, PdfWriter
 
 from app.errors import BadInput
-from app.ingest.load import load_upload
+from app.ingest.load import PDF_LIBRARIES, load_upload
 from tests.fixtures.helpers import make_pdf, upload, wait_for_job
 
 LINES = ["Quarterly revenue rose 12 percent to 4.1 billion dollars.", "Operating margin was 31 percent."]
@@ -25,17 +25,19 @@ def encrypted(user_password: str, algorithm: str = "AES-256") -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.parametrize("library", PDF_LIBRARIES)
 @pytest.mark.parametrize("algorithm", ["AES-256", "AES-128", "RC4-128"])
-def test_a_pdf_encrypted_with_an_owner_password_only_loads(algorithm: str) -> None:
+def test_a_pdf_encrypted_with_an_owner_password_only_loads(algorithm: str, library: str) -> None:
     data = encrypted("", algorithm)
     assert PdfReader(io.BytesIO(data)).is_encrypted
-    [doc] = load_upload("filing.pdf", "application/pdf", data, 10_000_000)
+    [doc] = load_upload("filing.pdf", "application/pdf", data, 10_000_000, pdf_library=library)
     assert "Quarterly revenue rose 12 percent" in doc.text
 
 
-def test_a_pdf_that_needs_a_password_is_refused_saying_so() -> None:
+@pytest.mark.parametrize("library", PDF_LIBRARIES)
+def test_a_pdf_that_needs_a_password_is_refused_saying_so(library: str) -> None:
     with pytest.raises(BadInput, match="password-protected"):
-        load_upload("locked.pdf", "application/pdf", encrypted("let-me-in"), 10_000_000)
+        load_upload("locked.pdf", "application/pdf", encrypted("let-me-in"), 10_000_000, pdf_library=library)
 
 
 def test_encrypted_pdfs_over_http(client: TestClient, worker: Any, collection: str) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from app.config import Settings
 from app.errors import AppError
 from app.ingest.chunk import Chunker
-from app.ingest.load import LoadedDocument, load_upload
+from app.ingest.load import PDF_LIBRARIES, LoadedDocument, load_upload
 from tests.fixtures.helpers import make_pdf
 
 LIMIT = 1 << 20
@@ -37,10 +37,10 @@ def _chunker() -> Chunker:
     return Chunker(tokenizer, 254, s.chunk_overlap_tokens)
 
 
-def _load_or_refuse(name: str, data: bytes) -> list[LoadedDocument]:
+def _load_or_refuse(name: str, data: bytes, pdf_library: str = "pypdf") -> list[LoadedDocument]:
     refused: AppError | None = None
     try:
-        docs = load_upload(name, None, data, LIMIT)
+        docs = load_upload(name, None, data, LIMIT, pdf_library=pdf_library)
     except AppError as exc:
         refused = exc
     if refused is not None:
@@ -74,12 +74,13 @@ def test_random_bytes(name: str, data: bytes) -> None:
     flips=st.lists(st.tuples(st.integers(0, len(BASE_PDF) - 1), st.integers(0, 255)), max_size=20),
     cut=st.integers(0, len(BASE_PDF)),
     junk=st.binary(max_size=200),
+    library=st.sampled_from(PDF_LIBRARIES),
 )
-def test_mutated_pdfs(flips: list[tuple[int, int]], cut: int, junk: bytes) -> None:
+def test_mutated_pdfs(flips: list[tuple[int, int]], cut: int, junk: bytes, library: str) -> None:
     pdf = bytearray(BASE_PDF)
     for pos, value in flips:
         pdf[pos] = value
-    _load_or_refuse("doc.pdf", bytes(pdf[:cut]) + junk)
+    _load_or_refuse("doc.pdf", bytes(pdf[:cut]) + junk, library)
 
 
 HTML_PIECES = st.sampled_from([

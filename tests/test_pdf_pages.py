@@ -3,9 +3,20 @@ removed, words hyphenated at line ends are joined, and a page without a text lay
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
+import pytest
+
+from app.ingest import load
 from app.ingest.chunk import PAGE_BREAK
-from app.ingest.load import load_upload
 from tests.fixtures.helpers import make_pdf
+
+
+@pytest.fixture(params=load.PDF_LIBRARIES)
+def load_upload(request: pytest.FixtureRequest) -> Any:
+    """The loader with each PDF library in turn: every one must give the same clean page texts."""
+    return partial(load.load_upload, pdf_library=request.param)
 
 HEADER = "ACME Corporation | Annual Report 2022"
 
@@ -14,7 +25,7 @@ def _page(n: int, body: list[str]) -> list[str]:
     return [HEADER, *body, f"Page {n} of 5"]
 
 
-def test_running_headers_footers_and_page_numbers_are_removed() -> None:
+def test_running_headers_footers_and_page_numbers_are_removed(load_upload: Any) -> None:
     pages = [
         _page(1, ["Revenue grew in every segment.", "The board met four times."]),
         _page(2, ["Operating margin was 21 percent.", "Headcount rose to 1,200."]),
@@ -33,7 +44,7 @@ def test_running_headers_footers_and_page_numbers_are_removed() -> None:
     assert "pages_without_text" not in doc.metadata
 
 
-def test_bare_page_numbers_go_and_a_number_ending_one_page_stays() -> None:
+def test_bare_page_numbers_go_and_a_number_ending_one_page_stays(load_upload: Any) -> None:
     bodies = [["Revenue by region", "Europe grew fastest"], ["Balance sheet", "Total assets", "2022"],
               ["Cash flow", "Operations generated cash"], ["Risk factors", "Rates may rise"],
               ["Outlook", "Demand is steady"]]
@@ -46,7 +57,7 @@ def test_bare_page_numbers_go_and_a_number_ending_one_page_stays() -> None:
     assert all(len(lines) == len(expected) for lines, expected in zip(body[1:], bodies[1:], strict=True))
 
 
-def test_hyphenation_at_line_ends_is_joined() -> None:
+def test_hyphenation_at_line_ends_is_joined(load_upload: Any) -> None:
     [doc] = load_upload("memo.pdf", None, make_pdf(["The environ-", "mental review found no environmental issues,",
                                                        "and the long-", "term plan of the state-owned utility holds."]),
                         10**7)
@@ -55,7 +66,7 @@ def test_hyphenation_at_line_ends_is_joined() -> None:
     assert "state-owned" in doc.content  # a hyphen inside a line is left alone
 
 
-def test_a_page_without_text_is_reported() -> None:
+def test_a_page_without_text_is_reported(load_upload: Any) -> None:
     [doc] = load_upload("scan.pdf", None, make_pdf(["First page text."], [], ["Third page text."]), 10**7)
     assert doc.metadata["pages"] == 3
     assert doc.metadata["pages_without_text"] == [2]
@@ -76,7 +87,7 @@ def _with_title(pdf: bytes, title: str) -> bytes:
     return out.getvalue()
 
 
-def test_a_title_that_is_an_identifier_gives_way_to_the_file_name() -> None:
+def test_a_title_that_is_an_identifier_gives_way_to_the_file_name(load_upload: Any) -> None:
     body = make_pdf(["Net sales rose 20 percent.", "Operating income doubled."])
     # Filings often carry their EDGAR accession number as the PDF title: no word a question could match.
     [filing] = load_upload("AMAZON_2017_10K.pdf", None, _with_title(body, "0000909832-21-000014"), 10**7)
@@ -86,3 +97,29 @@ def test_a_title_that_is_an_identifier_gives_way_to_the_file_name() -> None:
     assert titled.title == "Amazon.com Annual Report 2017"
     [plain] = load_upload("quarterly_report__q2.pdf", None, body, 10**7)
     assert plain.title == "quarterly report q2"
+
+
+def _table_pdf() -> bytes:
+    """A page with a sentence, a ruled table of three rows, and a sentence after it (fpdf2)."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=11)
+    pdf.cell(0, 8, "Segment results for the year are below.", new_x="LMARGIN", new_y="NEXT")
+    with pdf.table(col_widths=(60, 40, 40)) as table:
+        for row in (("Segment", "2022", "2021"), ("Cloud services", "4,120", "3,310"), ("Devices", "1,877", "2,045")):
+            cells = table.row()
+            for cell in row:
+                cells.cell(cell)
+    pdf.cell(0, 8, "Cloud grew fastest.", new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def test_pdfplumber_keeps_a_table_as_rows_where_it_stands() -> None:
+    [doc] = load.load_upload("segments.pdf", None, _table_pdf(), 10**7, pdf_library="pdfplumber")
+    lines = [line.strip() for line in doc.content.splitlines() if line.strip()]
+    rows = ["Segment | 2022 | 2021", "Cloud services | 4,120 | 3,310", "Devices | 1,877 | 2,045"]
+    at = lines.index(rows[0])
+    assert lines[at : at + 3] == rows  # cells kept apart, rows in order, not split
+    assert lines.index("Segment results for the year are below.") < at < lines.index("Cloud grew fastest.")

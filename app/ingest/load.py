@@ -280,42 +280,24 @@ def _load_html(text: str) -> tuple[str | None, str]:
     return title or None, _html_markdown(soup)
 
 
-def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, str, dict[str, Any]]:
-    from pypdf import PdfReader
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+# The PDF text extractors pgsage can use (PGSAGE_PDF_LIBRARY); each gives a page's text in reading order, and
+# the same clean-up follows (running headers and footers, hyphens). Compared on FinanceBench in BENCHMARKS.md.
+PDF_LIBRARIES = ("pypdf", "pdfium", "pdfplumber")
 
+
+def _load_pdf(data: bytes, name: str, max_pages: int = 0, library: str = "pdfium") -> tuple[str | None, str,
+                                                                                            dict[str, Any]]:
     if not data.lstrip().startswith(b"%PDF-"):
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
-    try:
-        # An encrypted PDF with an empty user password (an owner password only restricts printing or copying,
-        # as many published filings do) opens like any other: pypdf decrypts it (AES through `cryptography`).
-        reader = PdfReader(io.BytesIO(data), strict=False)
-        if max_pages and len(reader.pages) > max_pages:
-            raise TooLarge(f"{name} has {len(reader.pages)} pages, over the {max_pages}-page limit "
-                           "(PGSAGE_PDF_MAX_PAGES)")
-        pages = _tidy_pages([_clean(_plain(page.extract_text() or "")) for page in reader.pages])
-        info = reader.metadata
-        title = _plain(str(info.title)).strip() if info is not None and info.title else None
-        if title and not _READS_AS_TITLE.search(title):
-            title = None  # an identifier in the Title field (an EDGAR accession number...): the file name is better
-    except FileNotDecryptedError:
-        raise BadInput(f"{name} is password-protected: it opens only with a password; send a copy without "
-                       "one") from None
-    except DependencyError as exc:  # an encryption this install cannot read: say which, not a 500
-        raise BadInput(f"{name} uses an encryption pgsage cannot read: {exc}") from None
-    except (
-        PyPdfError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        OSError,
-        RecursionError,
-        AssertionError,
-        ZeroDivisionError,
-    ) as exc:
-        raise BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}") from None
+    if library not in PDF_LIBRARIES:
+        raise ValueError(f"unknown PDF library {library!r}; one of {', '.join(PDF_LIBRARIES)}")
+    # An encrypted PDF with an empty user password (an owner password only restricts printing or copying, as many
+    # published filings do) opens like any other with each library; one that needs a password to open is a 4xx.
+    raw, title = _PDF_PAGES[library](data, name, max_pages)
+    pages = _tidy_pages([_clean(_plain(page)) for page in raw])
+    title = _plain(title).strip() if title else None
+    if title and not _READS_AS_TITLE.search(title):
+        title = None  # an identifier in the Title field (an EDGAR accession number...): the file name is better
     # Pages are kept apart by form feeds (empty pages too), so chunks can say which pages they span.
     text = ("\n" + PAGE_BREAK + "\n").join(pages)
     if not text.replace(PAGE_BREAK, "").strip():
@@ -325,6 +307,121 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0) -> tuple[str | None, s
     if blank:  # scanned pages (no text layer): said, so a reader knows what the index cannot find
         meta["pages_without_text"] = blank
     return title, text, meta
+
+
+def _too_many_pages(name: str, pages: int, max_pages: int) -> None:
+    if max_pages and pages > max_pages:
+        raise TooLarge(f"{name} has {pages} pages, over the {max_pages}-page limit (PGSAGE_PDF_MAX_PAGES)")
+
+
+def _password_protected(name: str) -> BadInput:
+    return BadInput(f"{name} is password-protected: it opens only with a password; send a copy without one")
+
+
+def _unreadable(name: str, exc: BaseException) -> BadInput:
+    return BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}")
+
+
+# What a parser raises on a malformed file, beyond its own error types.
+_PARSER_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError,
+                  AssertionError, ZeroDivisionError)
+
+
+def _pages_pypdf(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)  # decrypts AES through `cryptography`
+        _too_many_pages(name, len(reader.pages), max_pages)
+        pages = [page.extract_text() or "" for page in reader.pages]
+        info = reader.metadata
+        return pages, str(info.title) if info is not None and info.title else None
+    except FileNotDecryptedError:
+        raise _password_protected(name) from None
+    except DependencyError as exc:  # an encryption this install cannot read: say which, not a 500
+        raise BadInput(f"{name} uses an encryption pgsage cannot read: {exc}") from None
+    except (PyPdfError, *_PARSER_ERRORS) as exc:
+        raise _unreadable(name, exc) from None
+
+
+def _pages_pdfium(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+    """PDFium (Chrome's PDF engine) through pypdfium2: decrypts natively, lines in the page's reading order."""
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    try:
+        pdf = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        if getattr(exc, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
+            raise _password_protected(name) from None
+        raise _unreadable(name, exc) from None
+    try:
+        _too_many_pages(name, len(pdf), max_pages)
+        pages = []
+        for i in range(len(pdf)):
+            page = pdf[i]
+            textpage = page.get_textpage()
+            text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n")
+            # PDFium gives a hyphen that ends a line as \x02 and joins the lines: put the line end back, and
+            # _join_hyphens decides as for the other libraries.
+            pages.append(text.replace("\x02", "-\n"))
+            textpage.close()
+            page.close()
+        title = pdf.get_metadata_dict(skip_empty=True).get("Title")
+        return pages, title
+    except (pdfium.PdfiumError, *_PARSER_ERRORS) as exc:
+        raise _unreadable(name, exc) from None
+    finally:
+        pdf.close()
+
+
+def _pages_pdfplumber(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+    """pdfminer.six through pdfplumber, with its tables as rows: each table's rows, cells separated by " | ",
+    put where the table stands among the page's lines (by its top edge)."""
+    import pdfplumber
+    from pdfminer.pdfdocument import PDFPasswordIncorrect
+    from pdfminer.pdfparser import PDFSyntaxError
+    from pdfminer.psparser import PSException
+    from pdfplumber.utils.exceptions import PdfminerException
+
+    try:
+        with pdfplumber.open(io.BytesIO(data)) as pdf:
+            _too_many_pages(name, len(pdf.pages), max_pages)
+            pages = [_plumbed_page(page) for page in pdf.pages]
+            title = pdf.metadata.get("Title")
+            return pages, title if isinstance(title, str) else None
+    except PdfminerException as exc:
+        cause = exc.args[0] if exc.args else exc
+        if isinstance(cause, PDFPasswordIncorrect):
+            raise _password_protected(name) from None
+        raise _unreadable(name, cause) from None
+    except PDFPasswordIncorrect:
+        raise _password_protected(name) from None
+    except (PDFSyntaxError, PSException, *_PARSER_ERRORS) as exc:
+        raise _unreadable(name, exc) from None
+
+
+def _plumbed_page(page: Any) -> str:
+    tables = page.find_tables()
+    boxes = [t.bbox for t in tables]
+
+    def outside(obj: dict[str, Any]) -> bool:
+        x, y = (obj["x0"] + obj["x1"]) / 2, (obj["top"] + obj["bottom"]) / 2
+        return not any(x0 <= x <= x1 and top <= y <= bottom for x0, top, x1, bottom in boxes)
+
+    items: list[tuple[float, str]] = [
+        (line["top"], line["text"]) for line in page.filter(outside).extract_text_lines(return_chars=False)
+    ]
+    for table, (_, top, _, _) in zip(tables, boxes, strict=True):
+        # Empty cells are dropped: ruling lines split a figure from its "$" and "%" into cells of their own.
+        rows = [" | ".join(c for c in (" ".join((cell or "").split()) for cell in row) if c) for row in table.extract()]
+        items.append((top, "\n".join(r for r in rows if r)))
+    items.sort(key=lambda item: item[0])
+    return "\n".join(text for _, text in items if text)
+
+
+_PDF_PAGES = {"pypdf": _pages_pypdf, "pdfium": _pages_pdfium, "pdfplumber": _pages_pdfplumber}
 
 
 # Lines at each end of a page where running headers and footers sit.
@@ -477,6 +574,7 @@ def load_upload(
     external_id: str | None = None,
     budget: Budget | None = None,
     max_pages: int = MAX_PDF_PAGES,
+    pdf_library: str = "pdfium",
 ) -> list[LoadedDocument]:
     """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable.
 
@@ -490,7 +588,7 @@ def load_upload(
         raise BadInput(f"{name} is empty")
     kind = detect_kind(filename, content_type)
     if kind == "pdf":
-        args = (data, name, max_pages)
+        args = (data, name, max_pages, pdf_library)
         title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
         return [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta,
                                format="pdf")]

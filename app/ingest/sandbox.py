@@ -22,7 +22,7 @@ from typing import Any
 from app.errors import AppError, BadInput, TooLarge, UnsupportedMedia
 
 _ERRORS: dict[str, type[AppError]] = {e.__name__: e for e in (BadInput, TooLarge, UnsupportedMedia)}
-_PRELOAD = ["app.ingest.load", "bs4", "pypdf", "docx", "pptx", "openpyxl"]
+_PRELOAD = ["app.ingest.load", "bs4", "pypdfium2", "pypdf", "docx", "pptx", "openpyxl"]
 _context: Any = None
 _context_lock = threading.Lock()
 

@@ -124,6 +124,7 @@ async def _read_request(
         docs = await run_in_threadpool(
             load_upload, upload.filename, upload.content_type, data, limit, external_id=external_id,
             budget=Budget(settings.parse_memory_mb, settings.parse_seconds), max_pages=settings.pdf_max_pages,
+            pdf_library=settings.pdf_library,
         )
         for doc in docs:
             doc.metadata = {**doc.metadata, **extra}
