@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.query.fuse import Candidate, fuse, rank_by
+from app.query.retrieve import lexical_query
 from tests.fixtures.helpers import wait_for_job
 
 K1, B = 1.2, 0.75
@@ -135,6 +136,26 @@ def test_modes(client: TestClient, worker: Any, collection: str) -> None:
                                       "mode": "lexical"})
     assert r.status_code == 200, r.text
     assert r.json()["citations"][0]["external_id"] == "coffee"
+
+
+def test_a_word_joining_letters_and_a_year_also_searches_its_parts(
+    client: TestClient, worker: Any, collection: str
+) -> None:
+    """"FY2017" is one lexeme to Postgres's analyser; filings write "fiscal 2017" or "2017". The lexical legs also
+    search the parts, and the whole word still matches a text that writes it."""
+    assert lexical_query("Amazon's FY2017 revenue") == "Amazon's FY2017 revenue FY 2017"
+    assert lexical_query("p53 and BRCA1 in Q2") == "p53 and BRCA1 in Q2"  # one letter or one digit: left alone
+    _post_json_docs(client, collection, {
+        "y2017": "Net sales were 178 billion dollars in fiscal 2017, up from 136 billion.",
+        "y2019": "Net sales were 281 billion dollars in fiscal 2019, up from 233 billion.",
+        "code": "The FY2017 budget memo is filed under finance.",
+    })
+    for group in ("passage", "document"):
+        extra = {"mode": "lexical", "group": group}
+        found = [h["external_id"] for h in _search(client, collection, "net sales FY2017", **extra)]
+        assert found[0] == "y2017", (group, found)
+        assert "y2019" in found  # "net sales" alone
+        assert "code" in [h["external_id"] for h in _search(client, collection, "FY2017 memo", **extra)]
 
 
 def test_a_lexical_hit_without_vectors_in_the_active_space_is_not_dropped(

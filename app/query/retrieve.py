@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +194,17 @@ def dense_chunks(
 
 # Postgres's English analyser (stop-words, Snowball stems): the same one the store indexes with.
 TEXT_SEARCH_CONFIG = "pg_catalog.english"
+# A word that joins letters and a number ("FY2017", "COVID19", "Win11") is one lexeme to that analyser, which a
+# text writing "fiscal 2017" or "2017" never matches.
+_JOINED = re.compile(r"\b(?:([^\W\d_]{2,})(\d{2,})|(\d{2,})([^\W\d_]{2,}))\b")
+
+
+def lexical_query(query: str) -> str:
+    """The query the lexical legs analyse: the question, plus the parts of each word that joins letters and a
+    number, the whole word kept (as search engines' word-delimiter filters do): "FY2017" also searches "FY" and
+    "2017"."""
+    parts = [" ".join(p for p in m.groups() if p) for m in _JOINED.finditer(query)]
+    return f"{query} {' '.join(parts)}" if parts else query
 
 
 def _size(scope: str) -> str:
@@ -240,7 +252,7 @@ def lexical_documents(
     IDF and the average length are maintained with the postings, so they follow every document that
     arrives or leaves, and no query scans for them.
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     join = " JOIN documents d ON d.id = p.document_id" if where else ""
     if within is not None:
@@ -293,7 +305,7 @@ def passage_lexical(
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
     and the collection's documents', maintained with the postings (no scan per query).
     """
-    params: dict[str, Any] = {"q": query, "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     if where:
         # Few documents pass the filter: the scored passages are matched against their chunks (one hash join).
