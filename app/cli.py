@@ -411,6 +411,8 @@ def _ingest_files(
                 rejected.append((path, "rejected (see the error above)"))
                 continue
         jobs.append(body["job_id"])
+        for warning in body.get("warnings") or []:  # accepted, but not all of it will be searchable
+            typer.echo(f"warning: {warning}", err=True)
     if not wait or not jobs:
         for job in jobs:
             typer.echo(f"job {job}")

@@ -7,10 +7,11 @@ from functools import partial
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from app.ingest import load
 from app.ingest.chunk import PAGE_BREAK
-from tests.fixtures.helpers import make_pdf
+from tests.fixtures.helpers import make_pdf, upload, wait_for_job
 
 
 @pytest.fixture(params=load.PDF_LIBRARIES)
@@ -72,6 +73,22 @@ def test_a_page_without_text_is_reported(load_upload: Any) -> None:
     assert doc.metadata["pages_without_text"] == [2]
     assert "First page text." in doc.content
     assert "Third page text." in doc.content
+    assert load.warnings(doc) == ["scan.pdf: page 2 has no text layer (scanned?); nothing on it can be found "
+                                  "until it is OCR'd"]
+
+
+def test_the_uploader_is_told_which_pages_have_no_text_layer(client: TestClient, worker: Any,
+                                                             collection: str) -> None:
+    """Accepted and indexed (the other pages are searchable), and the 202 says what the index will not hold."""
+    pdf = make_pdf(["Tidal range is largest at spring tides."], [], [], ["Neap tides come at the quarter moons."])
+    r = upload(client, "survey.pdf", pdf, collection)
+    assert r.status_code == 202, r.text
+    assert r.json()["warnings"] == ["survey.pdf: pages 2, 3 have no text layer (scanned?); nothing on them can be "
+                                    "found until they are OCR'd"]
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "succeeded"
+    plain = upload(client, "notes.pdf", make_pdf(["Every page has text."]), collection)
+    assert plain.status_code == 202
+    assert plain.json()["warnings"] == []
 
 
 def _with_title(pdf: bytes, title: str) -> bytes:

@@ -288,6 +288,9 @@ class IngestAccepted(BaseModel):
     queued: int
     unchanged: int
     status_url: str
+    warnings: list[str] = Field(default_factory=list, description=(
+        "What the index will not hold of an accepted file, per document: for example a PDF's pages without a "
+        "text layer (scanned), whose content cannot be found until it is OCR'd."))
 
 
 class JobError(BaseModel):

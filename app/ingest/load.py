@@ -482,6 +482,20 @@ def _is_running(line: str, page: int, repeated: set[str]) -> bool:
     return not line.strip() or _edge_key(line, page) in repeated
 
 
+def warnings(doc: LoadedDocument) -> list[str]:
+    """What the index will not hold of a loaded document, said to the uploader: a PDF's pages without a text
+    layer (scanned pages: nothing on them can be found until they are OCR'd)."""
+    blank = doc.metadata.get("pages_without_text") or []
+    if not blank:
+        return []
+    shown = ", ".join(map(str, blank[:20])) + (f" and {len(blank) - 20} more" if len(blank) > 20 else "")
+    if len(blank) == 1:
+        return [f"{doc.external_id}: page {shown} has no text layer (scanned?); nothing on it can be found until it "
+                "is OCR'd"]
+    return [f"{doc.external_id}: pages {shown} have no text layer (scanned?); nothing on them can be found until "
+            "they are OCR'd"]
+
+
 def _check_metadata(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
