@@ -73,8 +73,8 @@ def test_a_page_without_text_is_reported(load_upload: Any) -> None:
     assert doc.metadata["pages_without_text"] == [2]
     assert "First page text." in doc.content
     assert "Third page text." in doc.content
-    assert load.warnings(doc) == ["scan.pdf: page 2 has no text layer (scanned?); nothing on it can be found "
-                                  "until it is OCR'd"]
+    assert doc.warnings == ["scan.pdf: page 2 has no text layer (scanned?); nothing on it can be found "
+                            "until it is OCR'd"]
 
 
 def test_the_uploader_is_told_which_pages_have_no_text_layer(client: TestClient, worker: Any,
@@ -140,3 +140,13 @@ def test_pdfplumber_keeps_a_table_as_rows_where_it_stands() -> None:
     at = lines.index(rows[0])
     assert lines[at : at + 3] == rows  # cells kept apart, rows in order, not split
     assert lines.index("Segment results for the year are below.") < at < lines.index("Cloud grew fastest.")
+
+
+def test_metadata_a_client_sends_does_not_pass_for_the_loaders_report(client: TestClient, collection: str) -> None:
+    """The warning comes from what the loader found: a client's own "pages_without_text" field is kept as its
+    metadata, and neither breaks the upload nor is taken for a scanned page."""
+    for value in ("5", "[1, 2]", '"two"'):
+        r = upload(client, "notes.txt", b"Plain text with every line searchable.", collection,
+                   metadata=f'{{"pages_without_text": {value}}}')
+        assert r.status_code == 202, r.text
+        assert r.json()["warnings"] == []

@@ -68,6 +68,8 @@ class LoadedDocument:
     # How the chunker reads the text: text (paragraphs), markdown (structure; HTML arrives as Markdown),
     # pdf (paragraphs, with pages separated by form feeds).
     format: str = "text"
+    # What the index will not hold of it, said to the uploader (not stored): e.g. a PDF's scanned pages.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def content(self) -> str:
@@ -280,11 +282,6 @@ def _load_html(text: str) -> tuple[str | None, str]:
     return title or None, _html_markdown(soup)
 
 
-# The PDF text extractors pgsage can use (PGSAGE_PDF_LIBRARY); each gives a page's text in reading order, and
-# the same clean-up follows (running headers and footers, hyphens). Compared on FinanceBench in BENCHMARKS.md.
-PDF_LIBRARIES = ("pypdf", "pdfium", "pdfplumber")
-
-
 def _load_pdf(data: bytes, name: str, max_pages: int = 0, library: str = "pdfium") -> tuple[str | None, str,
                                                                                             dict[str, Any]]:
     if not data.lstrip().startswith(b"%PDF-"):
@@ -421,7 +418,10 @@ def _plumbed_page(page: Any) -> str:
     return "\n".join(text for _, text in items if text)
 
 
+# The PDF text extractors pgsage can use (PGSAGE_PDF_LIBRARY); each gives a page's text in reading order, and
+# the same clean-up follows (running headers and footers, hyphens). Compared on FinanceBench in BENCHMARKS.md.
 _PDF_PAGES = {"pypdf": _pages_pypdf, "pdfium": _pages_pdfium, "pdfplumber": _pages_pdfplumber}
+PDF_LIBRARIES = tuple(_PDF_PAGES)
 
 
 # Lines at each end of a page where running headers and footers sit.
@@ -482,18 +482,16 @@ def _is_running(line: str, page: int, repeated: set[str]) -> bool:
     return not line.strip() or _edge_key(line, page) in repeated
 
 
-def warnings(doc: LoadedDocument) -> list[str]:
-    """What the index will not hold of a loaded document, said to the uploader: a PDF's pages without a text
-    layer (scanned pages: nothing on them can be found until they are OCR'd)."""
-    blank = doc.metadata.get("pages_without_text") or []
+def _scan_warnings(name: str, blank: list[int]) -> list[str]:
+    """The uploader's warning for a PDF's pages without a text layer (scanned: nothing on them can be found until
+    they are OCR'd)."""
     if not blank:
         return []
     shown = ", ".join(map(str, blank[:20])) + (f" and {len(blank) - 20} more" if len(blank) > 20 else "")
     if len(blank) == 1:
-        return [f"{doc.external_id}: page {shown} has no text layer (scanned?); nothing on it can be found until it "
-                "is OCR'd"]
-    return [f"{doc.external_id}: pages {shown} have no text layer (scanned?); nothing on them can be found until "
-            "they are OCR'd"]
+        return [f"{name}: page {shown} has no text layer (scanned?); nothing on it can be found until it is OCR'd"]
+    return [f"{name}: pages {shown} have no text layer (scanned?); nothing on them can be found until they are "
+            "OCR'd"]
 
 
 def _check_metadata(value: Any, where: str) -> dict[str, Any]:
@@ -604,8 +602,8 @@ def load_upload(
     if kind == "pdf":
         args = (data, name, max_pages, pdf_library)
         title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
-        return [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta,
-                               format="pdf")]
+        return [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta, format="pdf",
+                               warnings=_scan_warnings(name, meta.get("pages_without_text", [])))]
     if kind in OFFICE:
         fn = OFFICE[kind]
         title, markdown = sandbox.run(fn, (data, name), budget, name) if budget else fn(data, name)

@@ -36,7 +36,7 @@ from app.api.schemas import (
 from app.config import Settings
 from app.db.session import session_scope
 from app.errors import BadInput, NotFound, TooLarge, Unavailable, UnsupportedMedia
-from app.ingest import load, store
+from app.ingest import store
 from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
 from app.ingest.sandbox import Budget
 from app.keys import Principal
@@ -164,7 +164,7 @@ def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -
         ) from None
     return IngestAccepted(job_id=job_id, collection=collection, documents=len(docs),
                           queued=len(result.queued), unchanged=result.unchanged,
-                          status_url=f"/v1/jobs/{job_id}", warnings=[w for d in docs for w in load.warnings(d)])
+                          status_url=f"/v1/jobs/{job_id}", warnings=[w for d in docs for w in d.warnings])
 
 
 @router.post("/documents", status_code=202, response_model=IngestAccepted, openapi_extra=UPLOAD_BODY,
