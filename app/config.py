@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     vector_index_type: Literal["vector", "halfvec"] = "vector"
     hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)
+    # Postgres's maintenance_work_mem while an HNSW index is built (a re-index's new space): pgvector builds in
+    # memory while the graph fits, and much more slowly on disk after (about 2.2 GB for a million 384-d vectors).
+    hnsw_build_memory: str = Field(default="1GB", pattern=r"^[1-9][0-9]{0,6}(kB|MB|GB)$")
     search_max_k: int = Field(default=100, ge=1, le=1000)
     max_query_chars: int = Field(default=2000, ge=16)
     answer_min_score: float = Field(default=0.30, ge=-1.0, le=1.0)

@@ -1,7 +1,8 @@
 """Scale: one collection grown to 10 thousand, 100 thousand and 1 million chunks, measured at each size.
 
 The chunks are written through the store path ingestion uses (app.ingest.store: the documents' upsert under
-a job, then per document in its own transaction on two writer threads, as the worker does: COPY of chunks,
+a job, then groups of about 128 chunks' documents, each in one transaction, on two writer threads, as the worker
+does: COPY of chunks,
 of chunk vectors into the space's HNSW index, of sentence vectors, the BM25 postings of chunks and of the
 document with their maintained statistics; the statistics compaction and ANALYZE after each batch). No model
 is in the loop, but the data is real:
@@ -59,7 +60,7 @@ from app.ingest import store  # noqa: E402
 from app.ingest.chunk import ChunkSpan  # noqa: E402
 from app.ingest.embed import Embedded  # noqa: E402
 from app.ingest.load import LoadedDocument, load_upload  # noqa: E402
-from app.ingest.pipeline import chunker_for  # noqa: E402
+from app.ingest.pipeline import EMBED_GROUP_CHUNKS, chunker_for  # noqa: E402
 from app.query import retrieve  # noqa: E402
 from app.query.pipeline import QueryPipeline, SearchRequest  # noqa: E402
 from app.reindex import spaces  # noqa: E402
@@ -190,13 +191,20 @@ def grow(factory: Any, synth: Synthesizer, space_id: int, chunker: str, cid: int
                 queued = store.upsert_documents(session, cid, [d for d, _, _ in batch], job).queued
                 pending = {p.content_hash: p for p in store.pending_documents(session, queued)}
 
-            def write(item: tuple[store.PendingDocument, list[ChunkSpan], Embedded]) -> None:
-                doc, spans, embedded = item
+            def write(group: list[tuple[store.PendingDocument, list[ChunkSpan], Embedded]]) -> None:
                 with session_scope(factory) as session:
-                    ok = store.write_document(session, doc, [store.ChunkSet(chunker, spans, {space_id: embedded})])
-                assert ok
+                    written = store.write_documents(session, [
+                        store.DocumentWrite(doc, [store.ChunkSet(chunker, spans, {space_id: embedded})])
+                        for doc, spans, embedded in group])
+                assert all(written.values())
 
-            list(writers.map(write, [(pending[d.content_hash], s, e) for d, s, e in batch]))
+            # Groups of about EMBED_GROUP_CHUNKS chunks, one transaction each, as the worker writes them.
+            groups: list[list[tuple[store.PendingDocument, list[ChunkSpan], Embedded]]] = [[]]
+            for d, s, e in batch:
+                if groups[-1] and sum(len(g[1]) for g in groups[-1]) + len(s) > EMBED_GROUP_CHUNKS:
+                    groups.append([])
+                groups[-1].append((pending[d.content_hash], s, e))
+            list(writers.map(write, groups))
             with session_scope(factory) as session:
                 store.compact_lexical_statistics(session)
             with session_scope(factory) as session:
@@ -243,7 +251,10 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
             index, name)
         t = time.perf_counter()
         with engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(ddl))
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            spaces.build_memory(conn, settings.hnsw_build_memory)  # as a re-index builds a space's index
+            conn.execute(text(ddl))
+            conn.execute(text("RESET maintenance_work_mem"))
         out["hnsw_build_s"] = round(time.perf_counter() - t, 1)
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
@@ -309,7 +320,10 @@ def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.nda
     ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind).replace(index, name)
     t = time.perf_counter()
     with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(ddl))
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        spaces.build_memory(conn, settings.hnsw_build_memory)
+        conn.execute(text(ddl))
+        conn.execute(text("RESET maintenance_work_mem"))
     build_s = time.perf_counter() - t
     with session_scope(factory) as session:
         size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()

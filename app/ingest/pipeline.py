@@ -1,4 +1,4 @@
-"""Ingest pipeline: load (done at the request) -> chunk -> embed -> store, one transaction per document."""
+"""Ingest pipeline: load (done at the request) -> chunk -> embed -> store, one transaction per embedded group."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy.exc import OperationalError
@@ -22,10 +22,10 @@ from app.reindex import spaces
 
 log = logging.getLogger(__name__)
 
-# Documents are written by this many threads, each document in its own transaction as before. Most of
-# a write is Postgres inserting the vectors into the HNSW indexes, one backend on one core while the
+# Groups of documents are written by this many threads, each group in its own transaction. Most of a
+# write is Postgres inserting the vectors into the HNSW indexes, one backend on one core while the
 # worker waits; two connections keep both cores of a small machine busy. Measured on SciFact (5,000
-# documents into indexed tables): store time 64 s -> 33 s. Every write locks only its own document.
+# documents into indexed tables): store time 64 s -> 33 s. Every write locks only its own documents.
 STORE_THREADS = 2
 # Chunks embedded together before their documents are handed to the writers: large enough that the
 # model's length-sorted batches stay full, small enough that writing overlaps the next group's encode.
@@ -163,27 +163,36 @@ class IngestPipeline:
         docs: list[store.PendingDocument] = []
         chunked: list[dict[str, list[ChunkSpan]]] = []
 
-        def write(i: int, vectors: dict[int, tuple[str, Embedded]]) -> str:
-            doc = docs[i]
+        def write(group: list[int], vectors: list[dict[int, tuple[str, Embedded]]]) -> list[str]:
+            """Store a group of documents in one transaction; if that fails, each on its own, so that one bad
+            document fails alone. The group shares its spaces (they are read once per group)."""
             try:
                 with session_scope(self.factory) as session:
-                    if spaces.unwritten(session, set(vectors)):
-                        return "retarget"
-                    # One set per chunker the spaces read, the active space's first (its postings are kept).
-                    keys = dict.fromkeys(key for key, _ in vectors.values())
-                    sets = [store.ChunkSet(key, chunked[i][key], {sid: v for sid, (k, v) in vectors.items()
-                                                                  if k == key}) for key in keys]
-                    written = store.write_document(session, doc, sets)
+                    if spaces.unwritten(session, set(vectors[0])):
+                        return ["retarget"] * len(group)
+                    written = store.write_documents(
+                        session, [store.DocumentWrite(docs[i], chunk_sets(i, v)) for i, v in zip(group, vectors,
+                                                                                                   strict=True)])
             except OperationalError:
-                raise  # the database is away: the task is retried, the document stays queued
+                raise  # the database is away: the task is retried, the documents stay queued
             except Exception as exc:
-                log.exception("storing failed for %s", doc.id)
-                self._fail(doc, f"storing failed: {exc}")
-                return "failed"
-            return "indexed" if written else "skipped"
+                if len(group) > 1:
+                    log.warning("storing a group of %d documents failed (%s); storing them one at a time",
+                                len(group), exc)
+                    return [write([i], [v])[0] for i, v in zip(group, vectors, strict=True)]
+                log.exception("storing failed for %s", docs[group[0]].id)
+                self._fail(docs[group[0]], f"storing failed: {exc}")
+                return ["failed"]
+            return ["indexed" if written[docs[i].id] else "skipped" for i in group]
+
+        def chunk_sets(i: int, vectors: dict[int, tuple[str, Embedded]]) -> list[store.ChunkSet]:
+            """One set per chunker the spaces read, the active space's first (its postings are kept)."""
+            keys = dict.fromkeys(key for key, _ in vectors.values())
+            return [store.ChunkSet(key, chunked[i][key], {sid: v for sid, (k, v) in vectors.items() if k == key})
+                    for key in keys]
 
         with ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ingest-store") as writers:
-            futures = []
+            futures: list[tuple[list[int], Future[list[str]]]] = []
 
             waiting = {d.id for d in pending}
             held = time.monotonic()
@@ -203,8 +212,9 @@ class IngestPipeline:
                 per_space = [(sid, key, embed_documents(embedder, [chunked[i][key] for i in group]))
                              for sid, key, embedder in targets]
                 timings["embed"] += time.perf_counter() - t0
-                for j, i in enumerate(group):
-                    futures.append(writers.submit(write, i, {sid: (key, vecs[j]) for sid, key, vecs in per_space}))
+                # The group is written in one transaction (store.write_documents), beside the next group's encode.
+                futures.append((group, writers.submit(
+                    write, group, [{sid: (key, vecs[j]) for sid, key, vecs in per_space} for j in range(len(group))])))
                 waiting.difference_update(docs[i].id for i in group)
                 if time.monotonic() - held > self.lease_seconds / 3:
                     with session_scope(self.factory) as session:
@@ -252,7 +262,8 @@ class IngestPipeline:
                         size += len(chunks)
                 flush(group)
             embedded = time.perf_counter()
-            results = [f.result() for f in futures]
+            outcomes = {i: r for group, f in futures for i, r in zip(group, f.result(), strict=True)}
+            results = [outcomes[i] for i in range(len(docs))]
         # "store" is the write time left after the last group is embedded (the rest overlapped it).
         timings["store"] += time.perf_counter() - embedded
         timings["chunks"] += sum(len(c[primary]) for c in chunked if primary)

@@ -215,146 +215,194 @@ class ChunkSet:
     vectors: dict[int, Embedded]  # embedding-space id -> a row per chunk and a row per sentence
 
 
-def write_document(session: Session, doc: PendingDocument, sets: Sequence[ChunkSet]) -> bool:
-    """Replace a document's chunks, vectors and postings in the caller's transaction; False if it changed meanwhile.
+@dataclass
+class DocumentWrite:
+    """One document's new chunk sets (the active space's first: the document's BM25 postings come from it)."""
 
-    The first set is the active space's; the document's BM25 postings are taken from it. The row lock
-    on the document makes a concurrent change of the same document wait, and the hash check drops
-    work made stale by it.
+    doc: PendingDocument
+    sets: Sequence[ChunkSet]
+
+
+def write_documents(session: Session, writes: Sequence[DocumentWrite]) -> dict[uuid.UUID, bool]:
+    """Replace documents' chunks, vectors and postings in the caller's transaction, a statement per kind of row
+    for all of them; per document, False if it changed meanwhile (nothing of it is written).
+
+    Writing a group at once pays the per-statement work (round trips, the statistics triggers, the commit)
+    once per group instead of once per document (measured on the scale benchmark's store path, BENCHMARKS.md).
+    The row locks, taken in id order so two writers cannot deadlock, make a concurrent change of the same
+    documents wait, and the hash check drops work made stale by it.
     """
-    current = session.execute(
-        text("SELECT content_hash FROM documents WHERE id = :id FOR UPDATE"), {"id": doc.id}
-    ).scalar()
-    if current != doc.content_hash:
-        return False
-    session.execute(text("DELETE FROM chunks WHERE document_id = :id"), {"id": doc.id})
-    for chunk_set in sets:
-        insert_chunks(session, doc.id, doc.collection_id, chunk_set)
-    lexical_length = write_postings(session, doc.id, doc.collection_id, sets[0].chunker) if sets else 0
-    for chunk_set in sets:
-        for model_id, embedded in chunk_set.vectors.items():
-            session.execute(
-                text(
-                    "INSERT INTO document_vectors (document_id, model_id, embedding) "
-                    "VALUES (:d, :m, CAST(:v AS vector)) "
-                    "ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding"
-                ),
-                {"d": doc.id, "m": model_id, "v": _document_vector(embedded.chunks)},
-            )
+    if not writes:
+        return {}
+    current: dict[uuid.UUID, str] = {r.id: r.content_hash for r in session.execute(
+        text("SELECT id, content_hash FROM documents WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+        {"ids": sorted({w.doc.id for w in writes})},
+    )}
+    live = [w for w in writes if current.get(w.doc.id) == w.doc.content_hash]
+    written = {w.doc.id: False for w in writes} | {w.doc.id: True for w in live}
+    if not live:
+        return written
+    ids = [w.doc.id for w in live]
+    session.execute(text("DELETE FROM chunks WHERE document_id = ANY(:ids)"), {"ids": ids})
+    insert_chunks(session, [(w.doc.id, w.doc.collection_id, s) for w in live for s in w.sets])
+    lengths = write_postings(session, [(w.doc.id, w.sets[0].chunker) for w in live if w.sets])
+    vectors = [(w.doc.id, model_id, _document_vector(embedded.chunks))
+               for w in live for s in w.sets for model_id, embedded in s.vectors.items()]
+    if vectors:
+        session.execute(
+            text("""
+            INSERT INTO document_vectors (document_id, model_id, embedding)
+            SELECT * FROM unnest(CAST(:d AS uuid[]), CAST(:m AS integer[]), CAST(:v AS vector[]))
+            ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding
+            """),
+            {"d": [v[0] for v in vectors], "m": [v[1] for v in vectors], "v": [v[2] for v in vectors]},
+        )
     session.execute(
-        text(
-            "UPDATE documents SET status = 'indexed', error = NULL, chunk_count = :n, lexical_length = :len, "
-            "indexed_at = now(), updated_at = now() WHERE id = :id"
-        ),
-        {"id": doc.id, "n": len(sets[0].chunks) if sets else 0, "len": lexical_length},
+        text("""
+        UPDATE documents d SET status = 'indexed', error = NULL, chunk_count = t.n, lexical_length = t.len,
+               indexed_at = now(), updated_at = now()
+          FROM unnest(CAST(:ids AS uuid[]), CAST(:n AS integer[]), CAST(:len AS integer[])) AS t(id, n, len)
+         WHERE d.id = t.id
+        """),
+        {"ids": ids, "n": [len(w.sets[0].chunks) if w.sets else 0 for w in live],
+         "len": [lengths.get(i, 0) for i in ids]},
     )
-    # Every job waiting on this document is settled, including one whose content was superseded.
+    # Every job waiting on these documents is settled, including one whose content was superseded.
     session.execute(
-        text(
-            "UPDATE job_documents SET status = 'done', error = NULL, updated_at = now() "
-            "WHERE document_id = :d AND status = 'pending'"
-        ),
-        {"d": doc.id},
+        text("UPDATE job_documents SET status = 'done', error = NULL, updated_at = now() "
+             "WHERE document_id = ANY(:ids) AND status = 'pending'"),
+        {"ids": ids},
     )
-    return True
+    return written
 
 
-def insert_chunks(session: Session, doc_id: uuid.UUID, collection: int, chunk_set: ChunkSet) -> None:
-    """COPY one chunk set of a document, its vectors in every space given, and its passage postings."""
-    chunks = chunk_set.chunks
-    ids = (
-        session.execute(text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": len(chunks)})
+def write_document(session: Session, doc: PendingDocument, sets: Sequence[ChunkSet]) -> bool:
+    """write_documents for one document."""
+    return write_documents(session, [DocumentWrite(doc, sets)])[doc.id]
+
+
+def insert_chunks(session: Session, items: Sequence[tuple[uuid.UUID, int, ChunkSet]]) -> None:
+    """COPY chunk sets of documents ((document, collection, set)), their vectors in every space given, and their
+    passage postings."""
+    total = sum(len(s.chunks) for _, _, s in items)
+    if not total:
+        return
+    ids = iter(
+        session.execute(text("SELECT nextval('chunks_id_seq') FROM generate_series(1, :n)"), {"n": total})
         .scalars()
         .all()
     )
+    numbered = [(doc_id, collection, chunk_set, [next(ids) for _ in chunk_set.chunks])
+                for doc_id, collection, chunk_set in items]
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(
         "COPY chunks (id, document_id, collection_id, chunker, ordinal, text, token_count, char_start, char_end, "
         "heading_path, page_start, page_end) FROM STDIN"
     ) as copy:
-        for cid, ch in zip(ids, chunks, strict=True):
-            copy.write_row((cid, doc_id, collection, chunk_set.chunker, ch.ordinal, ch.text, ch.token_count,
-                            ch.char_start, ch.char_end, list(ch.heading_path), ch.page_start, ch.page_end))
+        for doc_id, collection, chunk_set, chunk_ids in numbered:
+            for cid, ch in zip(chunk_ids, chunk_set.chunks, strict=True):
+                copy.write_row((cid, doc_id, collection, chunk_set.chunker, ch.ordinal, ch.text, ch.token_count,
+                                ch.char_start, ch.char_end, list(ch.heading_path), ch.page_start, ch.page_end))
     with cursor.copy(
         "COPY chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding) FROM STDIN (FORMAT BINARY)"
     ) as copy:
         copy.set_types(["bigint", "integer", "uuid", "integer", "vector"])
-        for model_id, embedded in chunk_set.vectors.items():
-            for cid, vec in zip(ids, embedded.chunks, strict=True):
-                copy.write_row((cid, model_id, doc_id, collection, vec))
-    copy_sentence_vectors(cursor, list(ids), chunks, {m: e.sentences for m, e in chunk_set.vectors.items()})
-    write_chunk_postings(session, doc_id, collection, chunk_set.chunker)
+        for doc_id, collection, chunk_set, chunk_ids in numbered:
+            for model_id, embedded in chunk_set.vectors.items():
+                for cid, vec in zip(chunk_ids, embedded.chunks, strict=True):
+                    copy.write_row((cid, model_id, doc_id, collection, vec))
+    with cursor.copy(SENTENCE_COPY) as copy:
+        copy.set_types(SENTENCE_TYPES)
+        for _doc_id, _collection, chunk_set, chunk_ids in numbered:
+            write_sentence_rows(copy, chunk_ids, chunk_set.chunks,
+                                {m: e.sentences for m, e in chunk_set.vectors.items()})
+    write_chunk_postings(session, [(doc_id, chunk_set.chunker) for doc_id, _, chunk_set, _ in numbered])
+
+
+SENTENCE_COPY = ("COPY sentence_vectors (chunk_id, model_id, ordinal, char_start, char_end, embedding) FROM STDIN "
+                 "(FORMAT BINARY)")
+SENTENCE_TYPES = ["bigint", "integer", "integer", "integer", "integer", "vector"]
 
 
 def copy_sentence_vectors(
     cursor: Any, chunk_ids: Sequence[int], chunks: Sequence[ChunkSpan], vectors: dict[int, np.ndarray]
 ) -> None:
     """COPY the sentence vectors of these chunks: per space, one row per sentence, chunks in order."""
-    with cursor.copy(
-        "COPY sentence_vectors (chunk_id, model_id, ordinal, char_start, char_end, embedding) FROM STDIN "
-        "(FORMAT BINARY)"
-    ) as copy:
-        copy.set_types(["bigint", "integer", "integer", "integer", "integer", "vector"])
-        for model_id, matrix in vectors.items():
-            rows = iter(matrix)
-            for cid, chunk in zip(chunk_ids, chunks, strict=True):
-                for ordinal, (start, end) in enumerate(chunk.sentences):
-                    copy.write_row((cid, model_id, ordinal, start, end, next(rows)))
+    with cursor.copy(SENTENCE_COPY) as copy:
+        copy.set_types(SENTENCE_TYPES)
+        write_sentence_rows(copy, chunk_ids, chunks, vectors)
 
 
-def write_chunk_postings(session: Session, doc_id: uuid.UUID, collection: int, chunker: str) -> None:
-    """BM25 postings of each chunk of one chunk set (heading path and text), and each chunk's length in terms."""
+def write_sentence_rows(copy: Any, chunk_ids: Sequence[int], chunks: Sequence[ChunkSpan],
+                        vectors: dict[int, np.ndarray]) -> None:
+    for model_id, matrix in vectors.items():
+        rows = iter(matrix)
+        for cid, chunk in zip(chunk_ids, chunks, strict=True):
+            for ordinal, (start, end) in enumerate(chunk.sentences):
+                copy.write_row((cid, model_id, ordinal, start, end, next(rows)))
+
+
+def write_chunk_postings(session: Session, sets: Sequence[tuple[uuid.UUID, str]]) -> None:
+    """BM25 postings of each chunk of these chunk sets ((document, chunker): heading path and text), and each
+    chunk's length in terms."""
     session.execute(
         text("""
         WITH tf AS (
-            SELECT c.id AS chunk_id, l.lexeme AS term, coalesce(array_length(l.positions, 1), 1) AS tf
-              FROM chunks c,
+            SELECT c.id AS chunk_id, c.collection_id, c.chunker, l.lexeme AS term,
+                   coalesce(array_length(l.positions, 1), 1) AS tf
+              FROM unnest(CAST(:ids AS uuid[]), CAST(:cks AS text[])) AS s(document_id, chunker)
+              JOIN chunks c ON c.document_id = s.document_id AND c.chunker = s.chunker,
                    unnest(to_tsvector('pg_catalog.english', array_to_string(c.heading_path, ' ') || ' ' || c.text)) l
-             WHERE c.document_id = :id AND c.chunker = :ck
         ), ins AS (
             INSERT INTO chunk_postings (collection_id, chunker, term, chunk_id, tf, chunk_length)
-            SELECT :cid, :ck, term, chunk_id, tf, sum(tf) OVER (PARTITION BY chunk_id) FROM tf
+            SELECT collection_id, chunker, term, chunk_id, tf, sum(tf) OVER (PARTITION BY chunk_id) FROM tf
             RETURNING chunk_id, chunk_length
         )
         UPDATE chunks c SET lexical_length = s.len
           FROM (SELECT chunk_id, max(chunk_length) AS len FROM ins GROUP BY 1) s
          WHERE c.id = s.chunk_id
         """),
-        {"id": doc_id, "cid": collection, "ck": chunker},
+        {"ids": [s[0] for s in sets], "cks": [s[1] for s in sets]},
     )
 
 
-def write_postings(session: Session, doc_id: uuid.UUID, collection: int, chunker: str) -> int:
-    """Replace the document's BM25 postings; returns its length in terms.
+def write_postings(session: Session, docs: Sequence[tuple[uuid.UUID, str]]) -> dict[uuid.UUID, int]:
+    """Replace documents' BM25 postings ((document, the chunker whose chunks delimit its pieces)); returns each
+    one's length in terms (a document without terms is missing).
 
     Terms come from Postgres's English analyser (stop-words, Snowball stems) over the content piece by
     piece: each piece runs from the previous chunk's end to this chunk's end, so headings between
     chunks count and the chunk overlap is not counted twice, and no single to_tsvector call sees more
     than one chunk's worth of text (a tsvector is limited to 1 MB and 256 positions a term).
     """
-    session.execute(text("DELETE FROM lexical_postings WHERE document_id = :id"), {"id": doc_id})
-    length = session.execute(
+    if not docs:
+        return {}
+    ids, cks = [d[0] for d in docs], [d[1] for d in docs]
+    session.execute(text("DELETE FROM lexical_postings WHERE document_id = ANY(:ids)"), {"ids": ids})
+    rows = session.execute(
         text("""
         WITH seg AS (
-            SELECT substr(d.content, coalesce(lag(c.char_end) OVER w, 0) + 1,
+            SELECT c.document_id, c.collection_id,
+                   substr(d.content, coalesce(lag(c.char_end) OVER w, 0) + 1,
                           greatest(0, c.char_end - coalesce(lag(c.char_end) OVER w, 0))) AS txt
-              FROM chunks c JOIN documents d ON d.id = c.document_id
-             WHERE c.document_id = :id AND c.chunker = :ck
-            WINDOW w AS (ORDER BY c.ordinal)
+              FROM unnest(CAST(:ids AS uuid[]), CAST(:cks AS text[])) AS s(document_id, chunker)
+              JOIN chunks c ON c.document_id = s.document_id AND c.chunker = s.chunker
+              JOIN documents d ON d.id = c.document_id
+            WINDOW w AS (PARTITION BY c.document_id ORDER BY c.ordinal)
         ), tf AS (
-            SELECT l.lexeme AS term, sum(array_length(l.positions, 1))::int AS tf
+            SELECT s.document_id, s.collection_id, l.lexeme AS term, sum(array_length(l.positions, 1))::int AS tf
               FROM seg s, unnest(to_tsvector('pg_catalog.english', s.txt)) l
-             GROUP BY 1
+             GROUP BY 1, 2, 3
         ), ins AS (
             INSERT INTO lexical_postings (collection_id, term, document_id, tf, doc_length)
-            SELECT :cid, term, :id, tf, sum(tf) OVER () FROM tf
-            RETURNING doc_length
+            SELECT collection_id, term, document_id, tf, sum(tf) OVER (PARTITION BY document_id) FROM tf
+            RETURNING document_id, doc_length
         )
-        SELECT coalesce(max(doc_length), 0) FROM ins
+        SELECT document_id, max(doc_length) AS len FROM ins GROUP BY 1
         """),
-        {"id": doc_id, "cid": collection, "ck": chunker},
-    ).scalar_one()
-    return int(length)
+        {"ids": ids, "cks": cks},
+    ).all()
+    return {r.document_id: int(r.len) for r in rows}
 
 
 def _document_vector(matrix: np.ndarray) -> str:

@@ -99,7 +99,7 @@ def write_rechunked(session: Session, job_id: uuid.UUID, doc: PendingDocument, c
         {"id": doc.id, "ck": chunk_set.chunker},
     ).first():
         return 0
-    insert_chunks(session, doc.id, doc.collection_id, chunk_set)
+    insert_chunks(session, [(doc.id, doc.collection_id, chunk_set)])
     session.execute(
         text("UPDATE reindex_jobs SET done_chunks = done_chunks + :a, heartbeat_at = now() WHERE id = :id"),
         {"a": len(chunk_set.chunks), "id": job_id},

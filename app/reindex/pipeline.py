@@ -221,6 +221,7 @@ class ReindexPipeline:
             space = conn.execute(
                 text("SELECT id, dimension, params FROM embedding_models WHERE id = :i"), {"i": space_id}
             ).one()
+            spaces.build_memory(conn, self.settings.hnsw_build_memory)
             for table in spaces.HNSW_TABLES:
                 name = spaces.index_name(table, space.id)
                 valid = conn.execute(
@@ -234,4 +235,5 @@ class ReindexPipeline:
                     conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
                 conn.execute(text(spaces.index_statement(table, space.id, space.dimension,
                                                          index_type(space.params), concurrently=True)))
+            conn.execute(text("RESET maintenance_work_mem"))  # the connection goes back to the pool
         log.info("built the HNSW indexes of space %s in %.1fs", space_id, time.perf_counter() - started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -86,6 +86,11 @@ def index_statement(table: str, space_id: int, dimension: int, kind: str = "vect
         f"CREATE INDEX {how}IF NOT EXISTS {index_name(table, space_id)} ON {table} "
         f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) WHERE model_id = {int(space_id)}"
     )
+
+
+def build_memory(conn: Connection | Session, memory: str) -> None:
+    """Give this connection's HNSW builds `memory` (maintenance_work_mem, e.g. '1GB') for the rest of its session."""
+    conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"), {"m": memory})
 
 
 def build_index(session: Session, space: EmbeddingModel) -> None:
