@@ -282,6 +282,17 @@ def lexical_documents(
     return [(r.document_id, float(r.score)) for r in rows]
 
 
+# The static BM25 term weight the passage postings are ordered by (migration 0009's index): a posting's tf part
+# at k1 0.9, b 0.4 and a reference length of 100 terms, without (k1 + 1). For the same k1 and b and a scope whose
+# average length is avgdl, a posting's true tf part is at most (k1 + 1) * max(1, avgdl / 100) times this weight
+# (its length term scales by 100 / avgdl, its constant part not at all), so the weight of the last posting read
+# bounds every posting not read.
+IMPACT = "(tf::float8 / (tf + 0.54 + 0.36 * chunk_length / 100.0))"
+IMPACT_K1, IMPACT_B, IMPACT_LENGTH = 0.9, 0.4, 100.0
+# Each term's best postings read in a first pass; when that cannot settle the top n, 8x more, then all.
+IMPACT_FIRST, IMPACT_GROWTH, IMPACT_MAX = 1000, 8, 64_000
+
+
 @dataclass
 class LexicalLeg:
     """The lexical leg of a passage ranking: the n best passages by BM25, and what it takes to score any
@@ -289,6 +300,9 @@ class LexicalLeg:
 
     chunks: list[int] = field(default_factory=list)
     documents: list[uuid.UUID] = field(default_factory=list)  # each chunk's document
+    scores: list[float] = field(default_factory=list)  # each chunk's BM25 score
+    # Postings read per query term by the bounded statement (None: every posting of every query term).
+    depth: int | None = None
     idf: dict[str, float] = field(default_factory=dict)
     avg_length: float = 1.0
     document_idf: dict[str, float] = field(default_factory=dict)
@@ -297,15 +311,82 @@ class LexicalLeg:
 
 def passage_lexical(
     session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
-    filters: dict[str, Any] | None = None, documents: bool = True,
+    filters: dict[str, Any] | None = None, documents: bool = True, exact: int | None = None,
 ) -> LexicalLeg:
     """One statement: the n best passages of the chunk set by BM25 over their heading path and text, each query
     term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
 
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
     and the collection's documents', maintained with the postings (no scan per query).
+
+    Without filters and at the default k1 and b, the statement reads each term's best postings only (IMPACT) and
+    stops there when its first `exact` passages (all n by default) are the exact ones; otherwise it is run again
+    deeper, and at last over every posting. Past `exact`, the passages are the best of those its postings reached,
+    each with its exact score: candidates for the ranking, which scores every candidate exactly itself.
     """
-    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
+    bounded = not filters and (k1, b) == (IMPACT_K1, IMPACT_B)
+    depth: int | None = IMPACT_FIRST if bounded else None
+    while True:
+        leg, settled = _passage_lexical(session, query, collection_id, chunker, n, k1=k1, b=b, filters=filters,
+                                        documents=documents, depth=depth, exact=min(exact or n, n))
+        if settled:
+            return leg
+        assert depth is not None
+        depth = depth * IMPACT_GROWTH if depth * IMPACT_GROWTH <= IMPACT_MAX else None
+
+
+def _bounded_scores(n: int) -> str:
+    """The `scored` CTE of the bounded passage statement: the passages that can still be among the n best, each
+    with its exact BM25 score, from each term's :depth best postings (by IMPACT) and a probe of the others.
+
+    A passage seen in some terms' lists has its exact score from those, and at most each other term's bound (its
+    IDF times the bound of its last posting read; 0 for a term whose list ended) from the rest. Those whose
+    bound can still reach the n-th best score known are completed with the missing terms' postings (one index
+    probe each). `unseen` is the most a passage in no list can score: the top n is exact when its n-th score
+    is at least that."""
+    weight = "l.idf * l.tf * (:k1 + 1) / (l.tf + :k1 * (1 - :b + :b * l.chunk_length / s.avgdl))"
+    return f"""lists AS MATERIALIZED (
+            SELECT i.term, i.idf, p.chunk_id, p.tf, p.chunk_length, p.impact
+              FROM idf i CROSS JOIN LATERAL (
+                   SELECT chunk_id, tf, chunk_length, {IMPACT} AS impact FROM chunk_postings
+                    WHERE collection_id = :cid AND chunker = :ck AND term = i.term
+                    ORDER BY {IMPACT} DESC LIMIT :depth) p
+        ), caps AS MATERIALIZED (
+            SELECT i.term, CASE WHEN count(l.chunk_id) < :depth THEN 0
+                           ELSE i.idf * min(l.impact) * (:k1 + 1) * greatest(1, s.avgdl / {IMPACT_LENGTH}) END AS cap
+              FROM idf i CROSS JOIN stats s LEFT JOIN lists l ON l.term = i.term
+             GROUP BY i.term, i.idf, s.avgdl
+        ), known AS MATERIALIZED (
+            SELECT l.chunk_id, sum({weight}) AS part, array_agg(l.term) AS seen
+              FROM lists l CROSS JOIN stats s GROUP BY l.chunk_id
+        ), bounded AS (
+            SELECT k.chunk_id, k.part, k.seen,
+                   k.part + (SELECT coalesce(sum(c.cap), 0) FROM caps c WHERE c.term <> ALL(k.seen)) AS bound
+              FROM known k
+        ), floor AS (
+            SELECT coalesce((SELECT part FROM known ORDER BY part DESC OFFSET {int(n) - 1} LIMIT 1), 0) AS part
+        ), scored AS (
+            SELECT b.chunk_id, b.part + coalesce((
+                   SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
+                     FROM caps c JOIN idf i ON i.term = c.term
+                     JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = c.term
+                                          AND p.chunk_id = b.chunk_id
+                    WHERE c.cap > 0 AND c.term <> ALL(b.seen)), 0) AS score
+              FROM bounded b CROSS JOIN stats s
+             WHERE b.bound >= (SELECT part FROM floor)
+        ), unseen AS (
+            SELECT coalesce(sum(cap), 0) AS bound FROM caps
+        )"""
+
+
+def _passage_lexical(
+    session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
+    filters: dict[str, Any] | None, documents: bool, depth: int | None, exact: int,
+) -> tuple[LexicalLeg, bool]:
+    """passage_lexical's statement, bounded to `depth` postings per term or over all of them (None); the leg
+    and whether its first `exact` passages are exact."""
+    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b,
+                              "depth": depth}
     where = _filter_sql(filters, params)
     if where:
         # Few documents pass the filter: the scored passages are matched against their chunks (one hash join).
@@ -337,6 +418,19 @@ def passage_lexical(
                    OFFSET 0) c
              WHERE {_few()}
         )"""
+    if depth is None:
+        scored = f"""scored AS (
+            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
+              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
+             WHERE p.collection_id = :cid AND p.chunker = :ck
+             GROUP BY p.chunk_id
+        )"""
+        unseen_row = ""
+    else:
+        scored = _bounded_scores(n)
+        unseen_row = """
+        UNION ALL
+        SELECT 'u', NULL, NULL, NULL, bound FROM unseen"""
     document_rows = f"""
         UNION ALL
         SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
@@ -351,26 +445,25 @@ def passage_lexical(
             {_size(":ck")}
         ), idf AS (
             SELECT t.term, {_idf(_df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
-        ), scored AS (
-            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
-              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
-             WHERE p.collection_id = :cid AND p.chunker = :ck
-             GROUP BY p.chunk_id
-        ){few}, top AS ({top}
+        ), {scored}{few}, top AS ({top}
         )
         SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
         SELECT 'i', NULL, NULL, term, idf FROM idf
         UNION ALL
-        SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}
+        SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}{unseen_row}
         """),
         params,
     ).all()
-    out = LexicalLeg()
+    out = LexicalLeg(depth=depth)
+    unseen = 0.0
     for kind, chunk_id, document_id, term, value in rows:
         if kind == "c":
             out.chunks.append(chunk_id)
             out.documents.append(document_id)
+            out.scores.append(value)
+        elif kind == "u":
+            unseen = value
         elif kind == "i":
             out.idf[term] = value
         elif kind == "d":
@@ -379,7 +472,9 @@ def passage_lexical(
             out.avg_length = value
         else:
             out.document_avg_length = value
-    return out
+    # Bounded: exact when no passage outside the lists can reach the n-th score (or none can score at all).
+    settled = depth is None or unseen <= 0 or (len(out.scores) >= exact and out.scores[exact - 1] >= unseen)
+    return out, settled
 
 
 @dataclass(frozen=True)
