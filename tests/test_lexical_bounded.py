@@ -4,7 +4,8 @@ retrieve.passage_lexical reads each term's postings in order of their BM25 weigh
 stops when no passage it has not read can reach its top n; otherwise it reads deeper, and at last everything.
 Here, on a collection of a few hundred real-text passages in the test database, it must return the same passages
 in the same order with the same scores as the statement that scores every posting, for many queries, with a first
-depth small enough that some queries settle at once and others need more rounds.
+depth small enough that some queries settle at once and others need more rounds; with a depth limit, a leg that
+stopped at it short of a proof says so.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def test_bounded_lexical_leg_equals_scoring_every_posting(
     factory, cid, chunker, queries = passages
     monkeypatch.setattr(retrieve, "IMPACT_FIRST", 4)
     monkeypatch.setattr(retrieve, "IMPACT_GROWTH", 4)
-    monkeypatch.setattr(retrieve, "IMPACT_MAX", 256)
     k1, b = settings.bm25_k1, settings.bm25_b
     assert (k1, b) == (retrieve.IMPACT_K1, retrieve.IMPACT_B), "the defaults are the index's parameters"
-    depths, whole = [], 0
+    depths: list[int | None] = []
+    overlap: list[float] = []
+    limited_out = 0
     for q in queries:
         with session_scope(factory) as session:  # type: ignore[arg-type]
             bounded = retrieve.passage_lexical(session, q, cid, chunker, N, k1=k1, b=b, exact=EXACT)
@@ -113,15 +115,22 @@ def test_bounded_lexical_leg_equals_scoring_every_posting(
                 == {c for c, v in zip(full.chunks, full.scores, strict=True) if v > cut}), q
         exact_scores = dict(zip(full.chunks, full.scores, strict=True))
         for chunk, score in zip(bounded.chunks, bounded.scores, strict=True):
-            if chunk in exact_scores:
-                assert score == pytest.approx(exact_scores[chunk], rel=1e-9), q
+            if chunk in exact_scores:  # past the head, a passage not completed carries the part it was read for
+                assert score <= exact_scores[chunk] * (1 + 1e-9), q
         assert bounded.idf == pytest.approx(full.idf)
-        whole += bounded.scores == pytest.approx(full.scores, rel=1e-9)
+        overlap.append(len(set(bounded.chunks) & set(full.chunks)) / len(full.chunks))
         depths.append(bounded.depth)
+        # With a depth limit, a leg that reached it says so; one that did not is the exact one.
+        limited = retrieve.passage_lexical(session, q, cid, chunker, N, k1=k1, b=b, exact=EXACT, max_depth=16)
+        assert limited.exact == (bounded.depth is not None and bounded.depth <= 16), q
+        if limited.exact:
+            assert limited.chunks == bounded.chunks
+        limited_out += not limited.exact
     # The bound did its work: some queries settled early, on a few postings of each term, others went deeper.
     assert any(d is not None and d <= 16 for d in depths), depths
     assert any(d is None or d > 16 for d in depths), depths
-    assert whole >= len(queries) // 2, whole  # past the exact head, the found passages are mostly the same
+    assert sum(overlap) / len(overlap) > 0.8, overlap  # past the exact head, mostly the same passages
+    assert limited_out, "some queries need more than 16 postings a term"
 
 
 def test_the_bounded_statement_reads_the_impact_index(

@@ -189,7 +189,7 @@ class QueryPipeline:
         if opts.mode != "dense":
             lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
                                                b=opts.bm25_b, filters=req.filters, documents=fusion.documents,
-                                               exact=req.k)
+                                               exact=req.k, max_depth=self.settings.lexical_max_depth)
         qvec = query_vector()
         cross_encoder = opts.rerank.startswith("cross-encoder:")
         hits = retrieve.passage_ranking(

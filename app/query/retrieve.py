@@ -289,8 +289,9 @@ def lexical_documents(
 # bounds every posting not read.
 IMPACT = "(tf::float8 / (tf + 0.54 + 0.36 * chunk_length / 100.0))"
 IMPACT_K1, IMPACT_B, IMPACT_LENGTH = 0.9, 0.4, 100.0
-# Each term's best postings read in a first pass; when that cannot settle the top n, 8x more, then all.
-IMPACT_FIRST, IMPACT_GROWTH, IMPACT_MAX = 1000, 8, 64_000
+# Each term's best postings read in a first pass; when that cannot settle the first k, 8x more (up to the
+# PGSAGE_LEXICAL_MAX_DEPTH setting; past it, every posting when that is 0, else the best found, measured).
+IMPACT_FIRST, IMPACT_GROWTH = 1000, 8
 
 
 @dataclass
@@ -303,6 +304,7 @@ class LexicalLeg:
     scores: list[float] = field(default_factory=list)  # each chunk's BM25 score
     # Postings read per query term by the bounded statement (None: every posting of every query term).
     depth: int | None = None
+    exact: bool = True  # False: the depth limit was reached before the first k were proven
     idf: dict[str, float] = field(default_factory=dict)
     avg_length: float = 1.0
     document_idf: dict[str, float] = field(default_factory=dict)
@@ -311,7 +313,7 @@ class LexicalLeg:
 
 def passage_lexical(
     session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
-    filters: dict[str, Any] | None = None, documents: bool = True, exact: int | None = None,
+    filters: dict[str, Any] | None = None, documents: bool = True, exact: int | None = None, max_depth: int = 0,
 ) -> LexicalLeg:
     """One statement: the n best passages of the chunk set by BM25 over their heading path and text, each query
     term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
@@ -321,8 +323,9 @@ def passage_lexical(
 
     Without filters and at the default k1 and b, the statement reads each term's best postings only (IMPACT) and
     stops there when its first `exact` passages (all n by default) are the exact ones; otherwise it is run again
-    deeper, and at last over every posting. Past `exact`, the passages are the best of those its postings reached,
-    each with its exact score: candidates for the ranking, which scores every candidate exactly itself.
+    deeper, up to `max_depth` postings a term (0: then over every posting, always exact; else the best passages
+    those postings reach, `exact` False). Past `exact`, the passages are the best of those its postings reached:
+    candidates for the ranking, which scores every candidate exactly itself.
     """
     bounded = not filters and (k1, b) == (IMPACT_K1, IMPACT_B)
     depth: int | None = IMPACT_FIRST if bounded else None
@@ -332,50 +335,51 @@ def passage_lexical(
         if settled:
             return leg
         assert depth is not None
-        depth = depth * IMPACT_GROWTH if depth * IMPACT_GROWTH <= IMPACT_MAX else None
+        if max_depth and depth >= max_depth:
+            leg.exact = False
+            return leg
+        deeper = depth * IMPACT_GROWTH
+        depth = min(deeper, max_depth) if max_depth else (deeper if deeper <= 64 * IMPACT_FIRST else None)
 
 
-def _bounded_scores(n: int) -> str:
-    """The `scored` CTE of the bounded passage statement: the passages that can still be among the n best, each
-    with its exact BM25 score, from each term's :depth best postings (by IMPACT) and a probe of the others.
+def _bounded_scores(exact: int) -> str:
+    """The `scored` CTE of the bounded passage statement: the passages met in each term's :depth best postings (by
+    IMPACT), those that can still be among the first `exact` with their exact BM25 score, the others with the
+    part of it their postings read give.
 
-    A passage seen in some terms' lists has its exact score from those, and at most each other term's bound (its
-    IDF times the bound of its last posting read; 0 for a term whose list ended) from the rest. Those whose
-    bound can still reach the n-th best score known are completed with the missing terms' postings (one index
-    probe each). `unseen` is the most a passage in no list can score: the top n is exact when its n-th score
-    is at least that."""
+    A passage met in some terms' lists has the exact score of those terms, and at most each other term's cap
+    from the rest (its IDF times the bound of the best posting not read; 0 for a term whose list ended). Those whose
+    bound reaches the `exact`-th best part known are scored exactly (one index probe per query term): the others
+    cannot be among the first `exact`. `unseen` is the most a passage met in no list can
+    score: the first `exact` are exact when the last of them scores at least that."""
     weight = "l.idf * l.tf * (:k1 + 1) / (l.tf + :k1 * (1 - :b + :b * l.chunk_length / s.avgdl))"
     return f"""lists AS MATERIALIZED (
-            SELECT i.term, i.idf, p.chunk_id, p.tf, p.chunk_length, p.impact
+            SELECT i.term, i.idf, p.chunk_id, p.tf, p.chunk_length
               FROM idf i CROSS JOIN LATERAL (
-                   SELECT chunk_id, tf, chunk_length, {IMPACT} AS impact FROM chunk_postings
+                   SELECT chunk_id, tf, chunk_length FROM chunk_postings
                     WHERE collection_id = :cid AND chunker = :ck AND term = i.term
                     ORDER BY {IMPACT} DESC LIMIT :depth) p
         ), caps AS MATERIALIZED (
-            SELECT i.term, CASE WHEN count(l.chunk_id) < :depth THEN 0
-                           ELSE i.idf * min(l.impact) * (:k1 + 1) * greatest(1, s.avgdl / {IMPACT_LENGTH}) END AS cap
-              FROM idf i CROSS JOIN stats s LEFT JOIN lists l ON l.term = i.term
-             GROUP BY i.term, i.idf, s.avgdl
-        ), known AS MATERIALIZED (
-            SELECT l.chunk_id, sum({weight}) AS part, array_agg(l.term) AS seen
-              FROM lists l CROSS JOIN stats s GROUP BY l.chunk_id
-        ), bounded AS (
-            SELECT k.chunk_id, k.part, k.seen,
-                   k.part + (SELECT coalesce(sum(c.cap), 0) FROM caps c WHERE c.term <> ALL(k.seen)) AS bound
-              FROM known k
-        ), floor AS (
-            SELECT coalesce((SELECT part FROM known ORDER BY part DESC OFFSET {int(n) - 1} LIMIT 1), 0) AS part
-        ), scored AS (
-            SELECT b.chunk_id, b.part + coalesce((
-                   SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
-                     FROM caps c JOIN idf i ON i.term = c.term
-                     JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = c.term
-                                          AND p.chunk_id = b.chunk_id
-                    WHERE c.cap > 0 AND c.term <> ALL(b.seen)), 0) AS score
-              FROM bounded b CROSS JOIN stats s
-             WHERE b.bound >= (SELECT part FROM floor)
+            SELECT i.term, coalesce(i.idf * x.impact * (:k1 + 1) * greatest(1, s.avgdl / {IMPACT_LENGTH}), 0) AS cap
+              FROM idf i CROSS JOIN stats s LEFT JOIN LATERAL (
+                   SELECT {IMPACT} AS impact FROM chunk_postings
+                    WHERE collection_id = :cid AND chunker = :ck AND term = i.term
+                    ORDER BY {IMPACT} DESC OFFSET :depth LIMIT 1) x ON true
         ), unseen AS (
             SELECT coalesce(sum(cap), 0) AS bound FROM caps
+        ), known AS MATERIALIZED (
+            SELECT l.chunk_id, sum({weight}) AS part, sum(c.cap) AS seen_cap
+              FROM lists l JOIN caps c ON c.term = l.term CROSS JOIN stats s GROUP BY l.chunk_id
+        ), floor AS (
+            SELECT coalesce((SELECT part FROM known ORDER BY part DESC OFFSET {int(exact) - 1} LIMIT 1), 0) AS part
+        ), scored AS (
+            SELECT k.chunk_id,
+                   CASE WHEN k.part + u.bound - k.seen_cap < f.part THEN k.part
+                        ELSE (
+                   SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
+                     FROM idf i JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck
+                                                     AND p.term = i.term AND p.chunk_id = k.chunk_id) END AS score
+              FROM known k CROSS JOIN floor f CROSS JOIN unseen u CROSS JOIN stats s
         )"""
 
 
@@ -427,7 +431,7 @@ def _passage_lexical(
         )"""
         unseen_row = ""
     else:
-        scored = _bounded_scores(n)
+        scored = _bounded_scores(exact)
         unseen_row = """
         UNION ALL
         SELECT 'u', NULL, NULL, NULL, bound FROM unseen"""
