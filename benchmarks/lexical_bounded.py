@@ -3,7 +3,8 @@
 On a collection scale.py built and kept (`--keep DIR`), brought to the current migrations first (the impact index
 of migration 0009 is built if missing, and its build time printed), over real questions (scale.questions): the
 service's passage lexical leg as a search calls it (retrieve.passage_lexical: each term's best postings first,
-the first k passages exact, n candidates) against the same statement over every posting of every query term.
+the first k passages exact unless PGSAGE_LEXICAL_MAX_DEPTH stops it, n candidates) against the same statement
+over every posting of every query term.
 Prints p50/p95 of each, whether the first k agree (scores, up to ties), how much of the n candidates agree, and
 how deep the bounded statement had to read.
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         qs = questions(args.queries)
 
         def bounded(session: Any, q: str) -> retrieve.LexicalLeg:
-            return retrieve.passage_lexical(session, q, cid, chunker, N, k1=k1, b=b, exact=K)
+            return retrieve.passage_lexical(session, q, cid, chunker, N, k1=k1, b=b, exact=K,
+                                            max_depth=settings.lexical_max_depth)
 
         def full(session: Any, q: str) -> retrieve.LexicalLeg:
             return retrieve._passage_lexical(session, q, cid, chunker, N, k1=k1, b=b, filters=None, documents=True,
@@ -114,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                   "full": _summary(times["full"]), "bounded": _summary(times["bounded"]),
                   "first_k_exact": round(head_agree / len(qs), 4),
                   "candidates_overlap": round(statistics.fmean(overlap), 4) if overlap else None,
-                  "depths": dict(depths)}
+                  "depths": dict(depths), "max_depth": settings.lexical_max_depth,
+                  "stopped_at_max_depth": sum(not leg.exact for leg in legs["bounded"])}
         print(json.dumps(result))
         print(f"every posting: p50 {result['full']['p50_ms']} ms, p95 {result['full']['p95_ms']} ms")
         print(f"bounded:       p50 {result['bounded']['p50_ms']} ms, p95 {result['bounded']['p95_ms']} ms; first {K} "
               f"exact for {result['first_k_exact']:.0%} of questions, {N} candidates overlap "
-              f"{result['candidates_overlap']}, depth read per term {dict(depths)}")
+              f"{result['candidates_overlap']}, depth read per term {dict(depths)} "
+              f"(limit {settings.lexical_max_depth}; {result['stopped_at_max_depth']} stopped there unproven)")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")

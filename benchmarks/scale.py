@@ -25,6 +25,7 @@ At each size, over real questions (SciFact train queries and SQuAD-articles ques
     pip install -e '.[bench]'        # matplotlib, for the plot
     python benchmarks/scale.py                              # 10k, 100k, 1M (hours at 1M on 2 cores)
     python benchmarks/scale.py --sizes 10000 100000         # a quicker run
+    python benchmarks/scale.py --keep DIR --measure-kept --out X.json  # measure a kept collection with this code
 """
 
 from __future__ import annotations
@@ -380,16 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--keep", type=Path, default=None,
                         help="build in an embedded server under this new directory and keep it (stopped) after")
+    parser.add_argument("--measure-kept", action="store_true",
+                        help="measure the collection a run kept in --keep as it is, with this code (nothing grown)")
     args = parser.parse_args(argv)
     sizes = sorted(args.sizes)
+    if args.measure_kept and not args.keep:
+        parser.error("--measure-kept needs --keep")
     result: dict[str, Any] = {"benchmark": "scale", "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
                               "machine": machine_info(), "queries": args.queries, "sizes": []}
     with contextlib.ExitStack() as stack:
         if args.keep:  # an embedded server of its own that outlives the run, for looking into the results
             from app.embedded import embedded_database_url, stop_embedded_database
 
-            if (args.keep / "pg").exists():
-                parser.error(f"{args.keep} already holds a database; give a new directory")
+            if (args.keep / "pg").exists() != args.measure_kept:
+                parser.error(f"{args.keep} already holds a database; give a new directory" if not args.measure_kept
+                             else f"{args.keep} holds no database to measure")
             db_url = embedded_database_url(args.keep)
             stack.callback(stop_embedded_database, args.keep)
         else:
@@ -414,6 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         vectors = embedders.configured.encode(qs, batch_size=1)
         result["query_embedding_ms_mean"] = round((time.perf_counter() - t) * 1000 / len(qs), 2)
         print(f"one query embedding: {result['query_embedding_ms_mean']} ms (mean of {len(qs)})", flush=True)
+        if args.measure_kept:
+            print("measuring the kept collection ...", flush=True)
+            row = {"size": None, "measured_kept": True,
+                   **measure(engine, factory, pipeline, space, cid, qs, vectors, settings, False,
+                             tuple(k for k in args.index_types if k != space.index_type), tuple(args.ef_search))}
+            row["size"] = row["chunks"]
+            result["sizes"].append(row)
+            print(json.dumps(row), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            return 0
         base = base_material(settings, embedders, args.cache, args.base_documents)
         print(f"base: {len(base.sentences)} real chunks", flush=True)
         synth = Synthesizer(base)
