@@ -100,9 +100,6 @@ class Settings(BaseSettings):
     passage_sentence_weight: float = Field(default=1.0, ge=0, le=10)
     bm25_k1: float = Field(default=0.9, ge=0, le=10)
     bm25_b: float = Field(default=0.4, ge=0, le=1)
-    # The passage lexical leg reads each term's best postings (by BM25 weight) until its first k are proven; at most
-    # this many a term, then it keeps the best passages found (0: read on to every posting, always exact).
-    lexical_max_depth: int = Field(default=8000, ge=0)
     rerank: str = "none"
     rerank_depth: int = Field(default=30, ge=1, le=1000)
     prf_docs: int = Field(default=3, ge=1, le=100)

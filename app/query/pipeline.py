@@ -188,8 +188,7 @@ class QueryPipeline:
         lexical = None
         if opts.mode != "dense":
             lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
-                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents,
-                                               exact=req.k, max_depth=self.settings.lexical_max_depth)
+                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents)
         qvec = query_vector()
         cross_encoder = opts.rerank.startswith("cross-encoder:")
         hits = retrieve.passage_ranking(

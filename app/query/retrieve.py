@@ -282,18 +282,6 @@ def lexical_documents(
     return [(r.document_id, float(r.score)) for r in rows]
 
 
-# The static BM25 term weight the passage postings are ordered by (migration 0009's index): a posting's tf part
-# at k1 0.9, b 0.4 and a reference length of 100 terms, without (k1 + 1). For the same k1 and b and a scope whose
-# average length is avgdl, a posting's true tf part is at most (k1 + 1) * max(1, avgdl / 100) times this weight
-# (its length term scales by 100 / avgdl, its constant part not at all), so the weight of the last posting read
-# bounds every posting not read.
-IMPACT = "(tf::float8 / (tf + 0.54 + 0.36 * chunk_length / 100.0))"
-IMPACT_K1, IMPACT_B, IMPACT_LENGTH = 0.9, 0.4, 100.0
-# Each term's best postings read in a first pass; when that cannot settle the first k, 8x more (up to the
-# PGSAGE_LEXICAL_MAX_DEPTH setting; past it, every posting when that is 0, else the best found, measured).
-IMPACT_FIRST, IMPACT_GROWTH = 1000, 8
-
-
 @dataclass
 class LexicalLeg:
     """The lexical leg of a passage ranking: the n best passages by BM25, and what it takes to score any
@@ -301,10 +289,6 @@ class LexicalLeg:
 
     chunks: list[int] = field(default_factory=list)
     documents: list[uuid.UUID] = field(default_factory=list)  # each chunk's document
-    scores: list[float] = field(default_factory=list)  # each chunk's BM25 score
-    # Postings read per query term by the bounded statement (None: every posting of every query term).
-    depth: int | None = None
-    exact: bool = True  # False: the depth limit was reached before the first k were proven
     idf: dict[str, float] = field(default_factory=dict)
     avg_length: float = 1.0
     document_idf: dict[str, float] = field(default_factory=dict)
@@ -313,84 +297,15 @@ class LexicalLeg:
 
 def passage_lexical(
     session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
-    filters: dict[str, Any] | None = None, documents: bool = True, exact: int | None = None, max_depth: int = 0,
+    filters: dict[str, Any] | None = None, documents: bool = True,
 ) -> LexicalLeg:
     """One statement: the n best passages of the chunk set by BM25 over their heading path and text, each query
     term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
 
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
     and the collection's documents', maintained with the postings (no scan per query).
-
-    Without filters and at the default k1 and b, the statement reads each term's best postings only (IMPACT) and
-    stops there when its first `exact` passages (all n by default) are the exact ones; otherwise it is run again
-    deeper, up to `max_depth` postings a term (0: then over every posting, always exact; else the best passages
-    those postings reach, `exact` False). Past `exact`, the passages are the best of those its postings reached:
-    candidates for the ranking, which scores every candidate exactly itself.
     """
-    bounded = not filters and (k1, b) == (IMPACT_K1, IMPACT_B)
-    depth: int | None = IMPACT_FIRST if bounded else None
-    while True:
-        leg, settled = _passage_lexical(session, query, collection_id, chunker, n, k1=k1, b=b, filters=filters,
-                                        documents=documents, depth=depth, exact=min(exact or n, n))
-        if settled:
-            return leg
-        assert depth is not None
-        if max_depth and depth >= max_depth:
-            leg.exact = False
-            return leg
-        deeper = depth * IMPACT_GROWTH
-        depth = min(deeper, max_depth) if max_depth else (deeper if deeper <= 64 * IMPACT_FIRST else None)
-
-
-def _bounded_scores(exact: int) -> str:
-    """The `scored` CTE of the bounded passage statement: the passages met in each term's :depth best postings (by
-    IMPACT), those that can still be among the first `exact` with their exact BM25 score, the others with the
-    part of it their postings read give.
-
-    A passage met in some terms' lists has the exact score of those terms, and at most each other term's cap
-    from the rest (its IDF times the bound of the best posting not read; 0 for a term whose list ended). Those whose
-    bound reaches the `exact`-th best part known are scored exactly (one index probe per query term): the others
-    cannot be among the first `exact`. `unseen` is the most a passage met in no list can
-    score: the first `exact` are exact when the last of them scores at least that."""
-    weight = "l.idf * l.tf * (:k1 + 1) / (l.tf + :k1 * (1 - :b + :b * l.chunk_length / s.avgdl))"
-    return f"""lists AS MATERIALIZED (
-            SELECT i.term, i.idf, p.chunk_id, p.tf, p.chunk_length
-              FROM idf i CROSS JOIN LATERAL (
-                   SELECT chunk_id, tf, chunk_length FROM chunk_postings
-                    WHERE collection_id = :cid AND chunker = :ck AND term = i.term
-                    ORDER BY {IMPACT} DESC LIMIT :depth) p
-        ), caps AS MATERIALIZED (
-            SELECT i.term, coalesce(i.idf * x.impact * (:k1 + 1) * greatest(1, s.avgdl / {IMPACT_LENGTH}), 0) AS cap
-              FROM idf i CROSS JOIN stats s LEFT JOIN LATERAL (
-                   SELECT {IMPACT} AS impact FROM chunk_postings
-                    WHERE collection_id = :cid AND chunker = :ck AND term = i.term
-                    ORDER BY {IMPACT} DESC OFFSET :depth LIMIT 1) x ON true
-        ), unseen AS (
-            SELECT coalesce(sum(cap), 0) AS bound FROM caps
-        ), known AS MATERIALIZED (
-            SELECT l.chunk_id, sum({weight}) AS part, sum(c.cap) AS seen_cap
-              FROM lists l JOIN caps c ON c.term = l.term CROSS JOIN stats s GROUP BY l.chunk_id
-        ), floor AS (
-            SELECT coalesce((SELECT part FROM known ORDER BY part DESC OFFSET {int(exact) - 1} LIMIT 1), 0) AS part
-        ), scored AS (
-            SELECT k.chunk_id,
-                   CASE WHEN k.part + u.bound - k.seen_cap < f.part THEN k.part
-                        ELSE (
-                   SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
-                     FROM idf i JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck
-                                                     AND p.term = i.term AND p.chunk_id = k.chunk_id) END AS score
-              FROM known k CROSS JOIN floor f CROSS JOIN unseen u CROSS JOIN stats s
-        )"""
-
-
-def _passage_lexical(
-    session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
-    filters: dict[str, Any] | None, documents: bool, depth: int | None, exact: int,
-) -> tuple[LexicalLeg, bool]:
-    """passage_lexical's statement, bounded to `depth` postings per term or over all of them (None); the leg
-    and whether its first `exact` passages are exact."""
-    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b,
-                              "depth": depth}
+    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
     where = _filter_sql(filters, params)
     if where:
         # Few documents pass the filter: the scored passages are matched against their chunks (one hash join).
@@ -422,19 +337,6 @@ def _passage_lexical(
                    OFFSET 0) c
              WHERE {_few()}
         )"""
-    if depth is None:
-        scored = f"""scored AS (
-            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
-              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
-             WHERE p.collection_id = :cid AND p.chunker = :ck
-             GROUP BY p.chunk_id
-        )"""
-        unseen_row = ""
-    else:
-        scored = _bounded_scores(exact)
-        unseen_row = """
-        UNION ALL
-        SELECT 'u', NULL, NULL, NULL, bound FROM unseen"""
     document_rows = f"""
         UNION ALL
         SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
@@ -449,25 +351,26 @@ def _passage_lexical(
             {_size(":ck")}
         ), idf AS (
             SELECT t.term, {_idf(_df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
-        ), {scored}{few}, top AS ({top}
+        ), scored AS (
+            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
+              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
+             WHERE p.collection_id = :cid AND p.chunker = :ck
+             GROUP BY p.chunk_id
+        ){few}, top AS ({top}
         )
         SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
         SELECT 'i', NULL, NULL, term, idf FROM idf
         UNION ALL
-        SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}{unseen_row}
+        SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}
         """),
         params,
     ).all()
-    out = LexicalLeg(depth=depth)
-    unseen = 0.0
+    out = LexicalLeg()
     for kind, chunk_id, document_id, term, value in rows:
         if kind == "c":
             out.chunks.append(chunk_id)
             out.documents.append(document_id)
-            out.scores.append(value)
-        elif kind == "u":
-            unseen = value
         elif kind == "i":
             out.idf[term] = value
         elif kind == "d":
@@ -476,9 +379,7 @@ def _passage_lexical(
             out.avg_length = value
         else:
             out.document_avg_length = value
-    # Bounded: exact when no passage outside the lists can reach the n-th score (or none can score at all).
-    settled = depth is None or unseen <= 0 or (len(out.scores) >= exact and out.scores[exact - 1] >= unseen)
-    return out, settled
+    return out
 
 
 @dataclass(frozen=True)
