@@ -366,6 +366,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def open_collection(stack: contextlib.ExitStack, db_url: str, cache: Path, pool_size: int) -> tuple[Any, ...]:
+    """The database migrated, the configured model's space active and the benchmark's collection made: settings,
+    engine (disposed with the stack), session factory, embedders, space and collection id."""
+    migrate(db_url)
+    settings = Settings(database_url=db_url, data_dir=cache / "data")
+    engine = make_engine(settings, pool_size=pool_size)
+    stack.callback(engine.dispose)
+    factory = make_sessionmaker(engine)
+    embedders = EmbedderPool(settings)
+    with session_scope(factory) as session:
+        plan(session, embedders.configured.spec)
+        space = spaces.active(session)
+        assert space is not None
+        cid = store.collection_id(session, COLLECTION, create=True)
+        session.expunge(space)
+    return settings, engine, factory, embedders, space, cid
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -401,18 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server = stack.enter_context(postgres_server())
             db_url = stack.enter_context(scratch_database(server))
-        migrate(db_url)
-        settings = Settings(database_url=db_url, data_dir=args.cache / "data")
-        engine = make_engine(settings, pool_size=WRITERS + 1)
-        stack.callback(engine.dispose)
-        factory = make_sessionmaker(engine)
-        embedders = EmbedderPool(settings)
-        with session_scope(factory) as session:
-            plan(session, embedders.configured.spec)
-            space = spaces.active(session)
-            assert space is not None
-            cid = store.collection_id(session, COLLECTION, create=True)
-            session.expunge(space)
+        settings, engine, factory, embedders, space, cid = open_collection(stack, db_url, args.cache, WRITERS + 1)
         chunker = chunker_key(space.params or {})
         pipeline = QueryPipeline(settings, embedders, None)
         qs = questions(args.queries)

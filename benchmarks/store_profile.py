@@ -25,19 +25,11 @@ from sqlalchemy import event  # noqa: E402
 
 from benchmarks import scale  # noqa: E402
 from benchmarks.scale import (  # noqa: E402
-    EmbedderPool,
-    Settings,
     Synthesizer,
     base_material,
     chunker_key,
-    make_engine,
-    make_sessionmaker,
-    migrate,
-    plan,
     postgres_server,
     scratch_database,
-    session_scope,
-    spaces,
     store,
 )
 
@@ -53,18 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: Counter[str] = Counter()
     with contextlib.ExitStack() as stack:
         db_url = stack.enter_context(scratch_database(stack.enter_context(postgres_server())))
-        migrate(db_url)
-        settings = Settings(database_url=db_url, data_dir=args.cache / "data")
-        engine = make_engine(settings, pool_size=2)
-        stack.callback(engine.dispose)
-        factory = make_sessionmaker(engine)
-        embedders = EmbedderPool(settings)
-        with session_scope(factory) as session:
-            plan(session, embedders.configured.spec)
-            space = spaces.active(session)
-            assert space is not None
-            cid = store.collection_id(session, scale.COLLECTION, create=True)
-            session.expunge(space)
+        settings, engine, factory, embedders, space, cid = scale.open_collection(stack, db_url, args.cache, 2)
         chunker = chunker_key(space.params or {})
         synth = Synthesizer(base_material(settings, embedders, args.cache, args.base_documents))
 
