@@ -46,7 +46,7 @@ def build_resources(settings: Settings) -> Resources:
     embedders = EmbedderPool(settings, threads=settings.query_encode_threads)
     celery = make_celery(settings)
     with session_scope(factory) as session:
-        planned = plan(session, embedders.configured.spec)
+        planned = plan(session, embedders.configured.spec, graph=spaces.HnswGraph.of(settings))
     log.info("embedding model check: %s", planned.message)
     if planned.created:
         celery.send_task("reindex.run", args=[str(planned.job_id)])

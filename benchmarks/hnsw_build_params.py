@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"ORDER BY (embedding::vector({dim})) <=> CAST(:q AS vector({dim})) LIMIT {K}"),
                     {"c": cid, "q": retrieve.vector_literal(vec)}).scalars().all()))
         name = spaces.index_name("chunk_vectors", mid)
-        ddl = spaces.index_statement("chunk_vectors", mid, dim, space.index_type).replace(
-            " WHERE model_id", f" WITH (m = 16, ef_construction = {int(args.ef_construction)}) WHERE model_id")
+        ddl = spaces.index_statement("chunk_vectors", mid, dim, space.index_type,
+                                     graph=spaces.HnswGraph(ef_construction=int(args.ef_construction)))
         with engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             spaces.build_memory(conn, settings.hnsw_build_memory)

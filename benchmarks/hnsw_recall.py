@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         name = spaces.index_name("chunk_vectors", mid)
         if kind != space.index_type:  # built beside the space's own for this run, under another name
             name = f"{name}_{kind}"
-            ddl = spaces.index_statement("chunk_vectors", mid, dim, kind).replace(
-                spaces.index_name("chunk_vectors", mid), name)
+            ddl = spaces.index_statement("chunk_vectors", mid, dim, kind, graph=spaces.HnswGraph.of(settings),
+                                         name=name)
             started = time.perf_counter()
             with engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(ddl))

@@ -248,8 +248,8 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
     out["sizes_mib"]["total"] = round(sum(sizes.values()) / 2**20, 1)
     if build_index:
         name = f"{index}_scale_build"
-        ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), space.index_type).replace(
-            index, name)
+        ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), space.index_type,
+                                     graph=spaces.HnswGraph.of(settings), name=name)
         t = time.perf_counter()
         with engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -318,7 +318,8 @@ def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.nda
     its build time, size and recall@10 against the same exact top 10; dropped after."""
     index = spaces.index_name("chunk_vectors", space.id)
     name = f"{index}_{kind}"
-    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind).replace(index, name)
+    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind,
+                                 graph=spaces.HnswGraph.of(settings), name=name)
     t = time.perf_counter()
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -188,7 +188,8 @@ class QueryPipeline:
         lexical = None
         if opts.mode != "dense":
             lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
-                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents)
+                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents,
+                                               depth=self.settings.lexical_depth)
         qvec = query_vector()
         cross_encoder = opts.rerank.startswith("cross-encoder:")
         hits = retrieve.passage_ranking(

@@ -284,28 +284,82 @@ def lexical_documents(
 
 @dataclass
 class LexicalLeg:
-    """The lexical leg of a passage ranking: the n best passages by BM25, and what it takes to score any
-    other passage or document the same way (each query term's IDF and the average lengths)."""
+    """The lexical leg of a passage ranking: the n best passages by BM25 (with their scores), and what it takes
+    to score any other passage or document the same way (each query term's IDF and the average lengths)."""
 
     chunks: list[int] = field(default_factory=list)
     documents: list[uuid.UUID] = field(default_factory=list)  # each chunk's document
+    scores: list[float] = field(default_factory=list)  # each chunk's BM25
     idf: dict[str, float] = field(default_factory=dict)
     avg_length: float = 1.0
     document_idf: dict[str, float] = field(default_factory=dict)
     document_avg_length: float = 1.0
+    cut: list[str] = field(default_factory=list)  # terms of which only the best `depth` postings were read
+
+
+# A posting's BM25 term weight at k1 0.9, b 0.4 and a reference length of 100 terms: the order of the index
+# ix_chunk_postings_impact (migration 0009; the expression must stay the same), each term's best postings first.
+IMPACT = "(tf::float8 / (tf + 0.54 + 0.36 * chunk_length / 100.0))"
+
+
+def _scored_all() -> str:
+    """Every passage holding a query term, with its BM25: every posting of every query term is read."""
+    return f"""scored AS (
+            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
+              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
+             WHERE p.collection_id = :cid AND p.chunker = :ck
+             GROUP BY p.chunk_id
+        ), cut AS (SELECT NULL::text AS term WHERE false)"""
+
+
+def _scored_best(complete: int) -> str:
+    """The passages met in each query term's :depth best postings (IMPACT order), the `complete` best of them by
+    what those postings give, each with its exact BM25: a term whose list was cut (it has more postings than
+    were read) is probed for each kept passage (one index probe). A passage that is in no term's best postings
+    is not met; what that loses is measured (benchmarks/lexical_depth.py)."""
+    weight = "i.idf * l.tf * (:k1 + 1) / (l.tf + :k1 * (1 - :b + :b * l.chunk_length / s.avgdl))"
+    return f"""lists AS MATERIALIZED (
+            SELECT i.term, p.chunk_id, p.tf, p.chunk_length
+              FROM idf i CROSS JOIN LATERAL (
+                   SELECT chunk_id, tf, chunk_length FROM chunk_postings
+                    WHERE collection_id = :cid AND chunker = :ck AND term = i.term
+                    ORDER BY {IMPACT} DESC LIMIT :depth) p
+        ), cut AS MATERIALIZED (
+            SELECT term FROM lists GROUP BY term HAVING count(*) >= :depth
+        ), known AS MATERIALIZED (
+            SELECT l.chunk_id, sum({weight}) AS part,
+                   coalesce(sum({weight}) FILTER (WHERE l.term NOT IN (SELECT term FROM cut)), 0) AS whole
+              FROM lists l JOIN idf i ON i.term = l.term CROSS JOIN stats s
+             GROUP BY l.chunk_id
+             ORDER BY part DESC, l.chunk_id
+             LIMIT {int(complete)}
+        ), scored AS (
+            SELECT k.chunk_id, k.whole + coalesce((
+                   SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
+                     FROM cut c JOIN idf i ON i.term = c.term
+                     JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = c.term
+                                          AND p.chunk_id = k.chunk_id), 0) AS score
+              FROM known k CROSS JOIN stats s
+        )"""
 
 
 def passage_lexical(
     session: Session, query: str, collection_id: int, chunker: str, n: int, *, k1: float, b: float,
-    filters: dict[str, Any] | None = None, documents: bool = True,
+    filters: dict[str, Any] | None = None, documents: bool = True, depth: int = 0,
 ) -> LexicalLeg:
     """One statement: the n best passages of the chunk set by BM25 over their heading path and text, each query
     term's IDF among the passages and (with `documents`) among the documents, and the average lengths.
 
     It needs no query vector, so it runs while the query is embedded. Statistics are the chunk set's own
     and the collection's documents', maintained with the postings (no scan per query).
+
+    With `depth` (and no filters), each query term's best `depth` postings are read (IMPACT order), not all
+    of them, so the cost follows the question, not the collection; the passages kept get their exact BM25.
+    A term with no more postings than that is read whole, so a collection where no term has more is scored
+    exactly. depth 0 reads every posting.
     """
-    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b}
+    params: dict[str, Any] = {"q": lexical_query(query), "cid": collection_id, "ck": chunker, "k1": k1, "b": b,
+                              "depth": depth}
     where = _filter_sql(filters, params)
     if where:
         # Few documents pass the filter: the scored passages are matched against their chunks (one hash join).
@@ -337,6 +391,7 @@ def passage_lexical(
                    OFFSET 0) c
              WHERE {_few()}
         )"""
+    scored = _scored_best(2 * n) if depth and not where else _scored_all()
     document_rows = f"""
         UNION ALL
         SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
@@ -351,16 +406,13 @@ def passage_lexical(
             {_size(":ck")}
         ), idf AS (
             SELECT t.term, {_idf(_df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
-        ), scored AS (
-            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
-              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN stats s
-             WHERE p.collection_id = :cid AND p.chunker = :ck
-             GROUP BY p.chunk_id
-        ){few}, top AS ({top}
+        ), {scored}{few}, top AS ({top}
         )
         SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
         SELECT 'i', NULL, NULL, term, idf FROM idf
+        UNION ALL
+        SELECT 'x', NULL, NULL, term, NULL FROM cut
         UNION ALL
         SELECT 'C', NULL, NULL, NULL, avgdl FROM stats{document_rows}
         """),
@@ -371,8 +423,11 @@ def passage_lexical(
         if kind == "c":
             out.chunks.append(chunk_id)
             out.documents.append(document_id)
+            out.scores.append(value)
         elif kind == "i":
             out.idf[term] = value
+        elif kind == "x":
+            out.cut.append(term)
         elif kind == "d":
             out.document_idf[term] = value
         elif kind == "C":
@@ -511,11 +566,16 @@ def passage_ranking(
     joins = ""
     if lexical is not None:
         params["avgdl"] = lexical.avg_length
+        params["ls"] = lexical.scores
         ctes.append(_idf_table("idf", lexical.idf, params))
+        # The lexical leg's passages come with their BM25; the dense leg's others are scored here.
         ctes.append(f"""bm AS (
+            SELECT l.chunk_id, l.score FROM unnest(CAST(:lc AS bigint[]), CAST(:ls AS float8[])) AS l(chunk_id, score)
+            UNION ALL
             SELECT p.chunk_id, {_bm25('chunk_length')} AS score
               FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN (SELECT :avgdl AS avgdl) s
-             WHERE p.collection_id = :cid AND p.chunker = :ck AND p.chunk_id IN (SELECT chunk_id FROM candidates)
+             WHERE p.collection_id = :cid AND p.chunker = :ck
+               AND p.chunk_id IN (SELECT chunk_id FROM candidates WHERE chunk_id <> ALL(CAST(:lc AS bigint[])))
              GROUP BY p.chunk_id)""")
         chunk_bm25, joins = "coalesce(bm.score, 0)", " LEFT JOIN bm ON bm.chunk_id = c.chunk_id"
         if fusion.documents:

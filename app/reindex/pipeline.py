@@ -233,7 +233,8 @@ class ReindexPipeline:
                 ).scalar()
                 if valid is False:  # left behind by a build that was killed
                     conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                conn.execute(text(spaces.index_statement(table, space.id, space.dimension,
-                                                         index_type(space.params), concurrently=True)))
+                conn.execute(text(spaces.index_statement(table, space.id, space.dimension, index_type(space.params),
+                                                         graph=spaces.HnswGraph.of(self.settings),
+                                                         concurrently=True)))
             conn.execute(text("RESET maintenance_work_mem"))  # the connection goes back to the pool
         log.info("built the HNSW indexes of space %s in %.1fs", space_id, time.perf_counter() - started)

@@ -57,7 +57,8 @@ def _create_job(session: Session, source: EmbeddingModel, target: EmbeddingModel
     return job_id
 
 
-def plan(session: Session, configured: ModelSpec, *, requested: bool = False) -> Plan:
+def plan(session: Session, configured: ModelSpec, *, requested: bool = False,
+         graph: spaces.HnswGraph | None = None) -> Plan:
     """Compare the configured model with the active space; open a re-index job if they differ.
 
     requested=True is the admin command: it also rebuilds a space that was rolled back, and it
@@ -72,7 +73,7 @@ def plan(session: Session, configured: ModelSpec, *, requested: bool = False) ->
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
     active = spaces.active(session)
     if active is None:
-        space = spaces.ensure_active(session, configured)
+        space = spaces.ensure_active(session, configured, graph)
         return Plan(None, False, f"space {space.id} is active (first start)")
     current = open_job(session)
     target = spaces.register(session, configured)

@@ -8,11 +8,13 @@ live side by side in one table.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.embedding import ModelSpec
 from app.models import EmbeddingModel, ReindexJob
 
@@ -47,14 +49,15 @@ def active(session: Session) -> EmbeddingModel | None:
     return session.execute(select(EmbeddingModel).where(EmbeddingModel.status == "active")).scalar_one_or_none()
 
 
-def ensure_active(session: Session, spec: ModelSpec) -> EmbeddingModel:
-    """Register the configured model; on a fresh database it becomes the active space at once."""
+def ensure_active(session: Session, spec: ModelSpec, graph: HnswGraph | None = None) -> EmbeddingModel:
+    """Register the configured model; on a fresh database it becomes the active space at once (its HNSW index
+    built with `graph`'s parameters)."""
     # Serialise first-time activation between processes starting together.
     session.execute(text("SELECT pg_advisory_xact_lock(727275)"))
     space = register(session, spec)
     current = active(session)
     if current is None:
-        build_index(session, space)
+        build_index(session, space, graph or HnswGraph())
         space.status = "active"
         session.execute(
             text("UPDATE embedding_models SET status = 'active', activated_at = now() WHERE id = :id"),
@@ -76,15 +79,31 @@ def index_name(table: str, space_id: int) -> str:
     return f"ix_{table}_hnsw_m{int(space_id)}"
 
 
+@dataclass(frozen=True)
+class HnswGraph:
+    """An HNSW index's build parameters: links per node (m) and the candidate list while inserting
+    (ef_construction). They apply to the build and to every vector inserted after it."""
+
+    m: int = 16
+    ef_construction: int = 256
+
+    @classmethod
+    def of(cls, settings: Settings) -> HnswGraph:
+        return cls(settings.hnsw_m, settings.hnsw_ef_construction)
+
+
 def index_statement(table: str, space_id: int, dimension: int, kind: str = "vector", *,
-                    concurrently: bool = False) -> str:
-    """The DDL of a space's HNSW (cosine) index on one of the vector tables, over its vectors cast to `kind`."""
+                    graph: HnswGraph | None = None, concurrently: bool = False, name: str | None = None) -> str:
+    """The DDL of a space's HNSW (cosine) index on one of the vector tables, over its vectors cast to `kind`
+    (under `name` instead of the space's index name, for an index built beside it)."""
     if kind not in ("vector", "halfvec"):
         raise ValueError(f"unknown HNSW index type {kind!r}")
+    graph = graph or HnswGraph()
     how = "CONCURRENTLY " if concurrently else ""
     return (
-        f"CREATE INDEX {how}IF NOT EXISTS {index_name(table, space_id)} ON {table} "
-        f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) WHERE model_id = {int(space_id)}"
+        f"CREATE INDEX {how}IF NOT EXISTS {name or index_name(table, space_id)} ON {table} "
+        f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) "
+        f"WITH (m = {int(graph.m)}, ef_construction = {int(graph.ef_construction)}) WHERE model_id = {int(space_id)}"
     )
 
 
@@ -93,10 +112,10 @@ def build_memory(conn: Connection | Session, memory: str) -> None:
     conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"), {"m": memory})
 
 
-def build_index(session: Session, space: EmbeddingModel) -> None:
+def build_index(session: Session, space: EmbeddingModel, graph: HnswGraph) -> None:
     """Create the space's HNSW index on the chunk vector table (in this transaction)."""
     for table in HNSW_TABLES:
-        session.execute(text(index_statement(table, space.id, space.dimension, space.index_type)))
+        session.execute(text(index_statement(table, space.id, space.dimension, space.index_type, graph=graph)))
 
 
 def live(session: Session) -> list[EmbeddingModel]:

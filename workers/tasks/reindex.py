@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.db.session import session_scope
 from app.reindex import plan as planning
+from app.reindex import spaces
 from app.reindex.switch import retire_expired
 from workers.celery_app import celery_app
 from workers.resources import resources
@@ -31,7 +32,7 @@ def check_model() -> str:
     """Open a re-index job if the configured model is not the active one; resend a stalled job."""
     res = resources()
     with session_scope(res.factory) as session:
-        planned = planning.plan(session, res.embedders.configured.spec)
+        planned = planning.plan(session, res.embedders.configured.spec, graph=spaces.HnswGraph.of(res.settings))
     if planned.created:
         run.delay(str(planned.job_id))
         return planned.message
