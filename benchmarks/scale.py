@@ -377,7 +377,7 @@ def open_collection(stack: contextlib.ExitStack, db_url: str, cache: Path, pool_
     factory = make_sessionmaker(engine)
     embedders = EmbedderPool(settings)
     with session_scope(factory) as session:
-        plan(session, embedders.configured.spec)
+        plan(session, embedders.configured.spec, graph=spaces.HnswGraph.of(settings))
         space = spaces.active(session)
         assert space is not None
         cid = store.collection_id(session, COLLECTION, create=True)

@@ -313,25 +313,30 @@ def _scored_all() -> str:
 
 
 def _scored_best(complete: int) -> str:
-    """The passages met in each query term's :depth best postings (IMPACT order), the `complete` best of them by
-    what those postings give, each with its exact BM25: a term whose list was cut (it has more postings than
-    were read) is probed for each kept passage (one index probe). A passage that is in no term's best postings
-    is not met; what that loses is measured (benchmarks/lexical_depth.py)."""
-    weight = "i.idf * l.tf * (:k1 + 1) / (l.tf + :k1 * (1 - :b + :b * l.chunk_length / s.avgdl))"
+    """The passages met in each query term's :depth best postings (IMPACT order), the `complete` most promising
+    of them, each with its exact BM25.
+
+    A term whose list was cut (it has more postings than were read) gives a passage not met in its list at
+    most its cap, the weight of the last posting read; a passage's promise is what its postings give plus the
+    caps of the cut terms it was not met in (so a passage holding a rare term is not crowded out by passages
+    that are only in common terms' lists). The kept passages are completed by one index probe per cut term. A
+    passage met in no term's best postings is not found; what that loses is measured
+    (benchmarks/lexical_depth.py)."""
     return f"""lists AS MATERIALIZED (
-            SELECT i.term, p.chunk_id, p.tf, p.chunk_length
-              FROM idf i CROSS JOIN LATERAL (
+            SELECT i.term, p.chunk_id,
+                   i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)) AS weight
+              FROM idf i CROSS JOIN stats s CROSS JOIN LATERAL (
                    SELECT chunk_id, tf, chunk_length FROM chunk_postings
                     WHERE collection_id = :cid AND chunker = :ck AND term = i.term
                     ORDER BY {IMPACT} DESC LIMIT :depth) p
         ), cut AS MATERIALIZED (
-            SELECT term FROM lists GROUP BY term HAVING count(*) >= :depth
+            SELECT term, min(weight) AS cap FROM lists GROUP BY term HAVING count(*) >= :depth
         ), known AS MATERIALIZED (
-            SELECT l.chunk_id, sum({weight}) AS part,
-                   coalesce(sum({weight}) FILTER (WHERE l.term NOT IN (SELECT term FROM cut)), 0) AS whole
-              FROM lists l JOIN idf i ON i.term = l.term CROSS JOIN stats s
+            SELECT l.chunk_id, coalesce(sum(l.weight) FILTER (WHERE c.term IS NULL), 0) AS whole
+              FROM lists l LEFT JOIN cut c ON c.term = l.term
              GROUP BY l.chunk_id
-             ORDER BY part DESC, l.chunk_id
+             ORDER BY sum(l.weight) + (SELECT coalesce(sum(cap), 0) FROM cut) - coalesce(sum(c.cap), 0) DESC,
+                      l.chunk_id
              LIMIT {int(complete)}
         ), scored AS (
             SELECT k.chunk_id, k.whole + coalesce((
