@@ -802,6 +802,16 @@ def eval_(
     prf_docs: Annotated[int | None, typer.Option(help="Feedback documents of the prf reranker.")] = None,
     prf_beta: Annotated[float | None, typer.Option(help="Weight of the feedback centroid (prf).")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW ef_search.")] = None,
+    passage_dense_weight: Annotated[
+        float | None, typer.Option(help="Passage ranking: share of the dense leg beside BM25 (0-1).")] = None,
+    passage_document_weight: Annotated[
+        float | None, typer.Option(help="Passage ranking: weight of the passage's document.")] = None,
+    passage_sentence_weight: Annotated[
+        float | None, typer.Option(help="Passage ranking: weight of the passage's best sentence.")] = None,
+    passage_title_weight: Annotated[
+        float | None, typer.Option(help="Passage ranking: weight of the question's terms in the title.")] = None,
+    lexical_depth: Annotated[
+        int | None, typer.Option(help="Passage lexical leg: postings read per query term (0: all).")] = None,
     max_queries: Annotated[int | None, typer.Option(help="Score only the first N judged queries.")] = None,
     qa: Annotated[
         Path | None, typer.Option(help="Questions with gold answers (JSON Lines of id, question, answers, "
@@ -829,6 +839,9 @@ def eval_(
         "candidates": candidates, "fusion": fusion, "dense_weight": dense_weight,
         "document_weight": document_weight, "bm25_k1": bm25_k1, "bm25_b": bm25_b,
         "rerank_depth": rerank_depth, "prf_docs": prf_docs, "prf_beta": prf_beta,
+        "passage_dense_weight": passage_dense_weight, "passage_document_weight": passage_document_weight,
+        "passage_sentence_weight": passage_sentence_weight, "passage_title_weight": passage_title_weight,
+        "lexical_depth": lexical_depth,
     }
     retrieval = {key: value for key, value in knobs.items() if value is not None} or None
     if qa is not None:

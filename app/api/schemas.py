@@ -140,8 +140,16 @@ class RetrievalIn(_In):
     passage_sentence_weight: float | None = Field(
         default=None, ge=0, le=10, description="Passage ranking: weight of the passage's best sentence."
     )
+    passage_title_weight: float | None = Field(
+        default=None, ge=0, le=10,
+        description="Passage ranking: weight of the question's terms in the passage's document title.",
+    )
     bm25_k1: float | None = Field(default=None, ge=0, le=10)
     bm25_b: float | None = Field(default=None, ge=0, le=1)
+    lexical_depth: int | None = Field(
+        default=None, ge=0, le=1_000_000,
+        description="Passage lexical leg: postings read per query term, best first (0: all of them).",
+    )
     rerank_depth: UpTo1000 | None = Field(default=None, description="Candidates the reranker reads.")
     prf_docs: UpTo100 | None = None
     prf_beta: float | None = Field(default=None, ge=0, le=10)

@@ -49,6 +49,8 @@ class Retrieval:
     passage_dense_weight: float
     passage_document_weight: float
     passage_sentence_weight: float
+    passage_title_weight: float
+    lexical_depth: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Retrieval:
@@ -68,6 +70,8 @@ class Retrieval:
             passage_dense_weight=settings.passage_dense_weight,
             passage_document_weight=settings.passage_document_weight,
             passage_sentence_weight=settings.passage_sentence_weight,
+            passage_title_weight=settings.passage_title_weight,
+            lexical_depth=settings.lexical_depth,
         )
 
 
@@ -183,13 +187,14 @@ class QueryPipeline:
         fusion and the texts of the best passages (retrieve.passage_ranking)."""
         pool = max(opts.candidates, req.k)
         fusion = PassageFusion(opts.mode, opts.passage_dense_weight, opts.passage_document_weight,
-                               opts.passage_sentence_weight)
+                               opts.passage_sentence_weight, opts.passage_title_weight)
         chunker = chunker_key(space.params or {})
         lexical = None
         if opts.mode != "dense":
             lexical = retrieve.passage_lexical(session, req.query, cid, chunker, pool, k1=opts.bm25_k1,
-                                               b=opts.bm25_b, filters=req.filters, documents=fusion.documents,
-                                               depth=self.settings.lexical_depth)
+                                               b=opts.bm25_b, filters=req.filters,
+                                               documents=fusion.documents or fusion.titles,
+                                               depth=opts.lexical_depth)
         qvec = query_vector()
         cross_encoder = opts.rerank.startswith("cross-encoder:")
         hits = retrieve.passage_ranking(

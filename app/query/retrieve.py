@@ -341,9 +341,11 @@ def _scored_best(complete: int) -> str:
         ), scored AS (
             SELECT k.chunk_id, k.whole + coalesce((
                    SELECT sum(i.idf * p.tf * (:k1 + 1) / (p.tf + :k1 * (1 - :b + :b * p.chunk_length / s.avgdl)))
-                     FROM cut c JOIN idf i ON i.term = c.term
-                     JOIN chunk_postings p ON p.collection_id = :cid AND p.chunker = :ck AND p.term = c.term
-                                          AND p.chunk_id = k.chunk_id), 0) AS score
+                     FROM cut c JOIN idf i ON i.term = c.term CROSS JOIN LATERAL (
+                          SELECT tf, chunk_length FROM chunk_postings p
+                           WHERE p.collection_id = :cid AND p.chunker = :ck AND p.term = c.term
+                             AND p.chunk_id = k.chunk_id
+                          OFFSET 0) p), 0) AS score
               FROM known k CROSS JOIN stats s
         )"""
 
@@ -450,6 +452,7 @@ class PassageFusion:
     dense_weight: float
     document_weight: float
     sentence_weight: float
+    title_weight: float = 0.0
 
     @property
     def documents(self) -> bool:
@@ -458,6 +461,10 @@ class PassageFusion:
     @property
     def sentences(self) -> bool:
         return self.mode == "hybrid" and self.sentence_weight > 0
+
+    @property
+    def titles(self) -> bool:
+        return self.mode == "hybrid" and self.title_weight > 0
 
 
 def _idf_table(name: str, idf: dict[str, float], params: dict[str, Any]) -> str:
@@ -514,7 +521,7 @@ def passage_ranking(
     params: dict[str, Any] = {"v": vector, "cid": collection_id, "ck": chunker,
                               "lc": lexical.chunks if lexical else [], "ld": lexical.documents if lexical else [],
                               "k1": k1, "b": b, "wd": fusion.dense_weight, "wdoc": fusion.document_weight,
-                              "ws": fusion.sentence_weight}
+                              "ws": fusion.sentence_weight, "wt": fusion.title_weight}
     where = _filter_sql(filters, params)
     distance = f"(cv.embedding::vector({dim})) <=> CAST(:v AS vector({dim}))"
     order = _index_order(space, "cv", ":v")
@@ -567,43 +574,70 @@ def passage_ranking(
              else "NULL::float8")
     ctes.append(f"""whole AS MATERIALIZED (SELECT x.document_id, {whole} AS sim
                                 FROM (SELECT DISTINCT document_id FROM candidates) x CROSS JOIN qv)""")
-    chunk_bm25 = document_bm25 = "0::float8"
+    chunk_bm25 = document_bm25 = title_match = "0::float8"
     joins = ""
     if lexical is not None:
         params["avgdl"] = lexical.avg_length
         params["ls"] = lexical.scores
         ctes.append(_idf_table("idf", lexical.idf, params))
         # The lexical leg's passages come with their BM25; the dense leg's others are scored here.
+        # One primary-key probe per passage and query term (LATERAL, OFFSET 0 keeps it so): joined flat, the
+        # planner read every posting of each candidate, or of each term, which grows with the collection.
         ctes.append(f"""bm AS (
             SELECT l.chunk_id, l.score FROM unnest(CAST(:lc AS bigint[]), CAST(:ls AS float8[])) AS l(chunk_id, score)
             UNION ALL
-            SELECT p.chunk_id, {_bm25('chunk_length')} AS score
-              FROM chunk_postings p JOIN idf i ON i.term = p.term CROSS JOIN (SELECT :avgdl AS avgdl) s
-             WHERE p.collection_id = :cid AND p.chunker = :ck
-               AND p.chunk_id IN (SELECT chunk_id FROM candidates WHERE chunk_id <> ALL(CAST(:lc AS bigint[])))
-             GROUP BY p.chunk_id)""")
+            SELECT c.chunk_id, {_bm25('chunk_length')} AS score
+              FROM candidates c CROSS JOIN idf i CROSS JOIN (SELECT :avgdl AS avgdl) s
+             CROSS JOIN LATERAL (
+                   SELECT p.tf, p.chunk_length FROM chunk_postings p
+                    WHERE p.collection_id = :cid AND p.chunker = :ck AND p.term = i.term AND p.chunk_id = c.chunk_id
+                   OFFSET 0) p
+             WHERE c.chunk_id <> ALL(CAST(:lc AS bigint[]))
+             GROUP BY c.chunk_id)""")
         chunk_bm25, joins = "coalesce(bm.score, 0)", " LEFT JOIN bm ON bm.chunk_id = c.chunk_id"
         if fusion.documents:
             params["davgdl"] = lexical.document_avg_length
             ctes.append(_idf_table("didf", lexical.document_idf, params))
             ctes.append(f"""docs AS (
-                SELECT p.document_id, {_bm25('doc_length')} AS score
-                  FROM lexical_postings p JOIN didf i ON i.term = p.term CROSS JOIN (SELECT :davgdl AS avgdl) s
-                 WHERE p.collection_id = :cid AND p.document_id IN (SELECT document_id FROM candidates)
-                 GROUP BY p.document_id)""")
+                SELECT x.document_id, {_bm25('doc_length')} AS score
+                  FROM (SELECT DISTINCT document_id FROM candidates) x CROSS JOIN didf i
+                 CROSS JOIN (SELECT :davgdl AS avgdl) s
+                 CROSS JOIN LATERAL (
+                       SELECT p.tf, p.doc_length FROM lexical_postings p
+                        WHERE p.collection_id = :cid AND p.term = i.term AND p.document_id = x.document_id
+                       OFFSET 0) p
+                 GROUP BY x.document_id)""")
             document_bm25 = "coalesce(dd.score, 0)"
             joins += " LEFT JOIN docs dd ON dd.document_id = c.document_id"
+        if fusion.titles:
+            # The title as a field of its own (as BM25F weighs one): the IDF of the question's terms it holds. In
+            # a long document's text a name or a year in its title is one occurrence among thousands.
+            if "didf_t" not in params:
+                ctes.append(_idf_table("didf", lexical.document_idf, params))
+            ctes.append(f"""titles AS (
+                SELECT d.id AS document_id, sum(i.idf) AS score
+                  FROM documents d
+                 CROSS JOIN LATERAL unnest(tsvector_to_array(
+                       to_tsvector('{TEXT_SEARCH_CONFIG}', coalesce(d.title, '')))) AS w(term)
+                  JOIN didf i ON i.term = w.term
+                 WHERE d.id IN (SELECT document_id FROM candidates)
+                 GROUP BY d.id)""")
+            title_match = "coalesce(tt.score, 0)"
+            joins += " LEFT JOIN titles tt ON tt.document_id = c.document_id"
     ctes.append(f"""signals AS MATERIALIZED (
         SELECT c.chunk_id, c.document_id, c.sim, c.sentence, coalesce(c.sentence, c.sim) AS best,
-               w.sim AS document, {chunk_bm25} AS lexical, {document_bm25} AS document_lexical
+               w.sim AS document, {chunk_bm25} AS lexical, {document_bm25} AS document_lexical,
+               {title_match} AS title
           FROM candidates c JOIN whole w ON w.document_id = c.document_id{joins})""")
     if fusion.mode == "hybrid":
         ctes.append(f"""z AS (SELECT {_z_stats('sim')}, {_z_stats('lexical')}, {_z_stats('document')},
-                                     {_z_stats('document_lexical')}, {_z_stats('best')} FROM signals)""")
+                                     {_z_stats('document_lexical')}, {_z_stats('best')}, {_z_stats('title')}
+                              FROM signals)""")
         score = (f":wd * {_z('sim')} + (1 - :wd) * {_z('lexical')}"
                  + (f" + :wdoc * (:wd * {_z('document')} + (1 - :wd) * {_z('document_lexical')})"
                     if fusion.documents else "")
-                 + (f" + :ws * {_z('best')}" if fusion.sentences else ""))
+                 + (f" + :ws * {_z('best')}" if fusion.sentences else "")
+                 + (f" + :wt * {_z('title')}" if fusion.titles and lexical is not None else ""))
         scored = f"SELECT s.*, {score} AS score FROM signals s CROSS JOIN z"
     else:
         scored = f"SELECT s.*, s.{'sim' if dense else 'lexical'} AS score FROM signals s"
