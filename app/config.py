@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     passage_dense_weight: float = Field(default=0.35, ge=0, le=1)
     passage_document_weight: float = Field(default=0.25, ge=0, le=10)
     passage_sentence_weight: float = Field(default=1.0, ge=0, le=10)
-    # ... and of the question's terms in its document's title (IDF-weighted), a field of its own.
-    passage_title_weight: float = Field(default=0.0, ge=0, le=10)
+    # ... and of the question's terms in its document's title (IDF-weighted), a field of its own: which of a
+    # company's filings (or a product's manuals) is about the year or version asked (BENCHMARKS.md, issue 15).
+    passage_title_weight: float = Field(default=0.5, ge=0, le=10)
     # The passage lexical leg reads each query term's best this-many postings (by BM25 term weight), not all of
     # them, so its cost follows the question and not the collection; 0 reads every posting (exact BM25 top n).
     lexical_depth: int = Field(default=1000, ge=0, le=1_000_000)

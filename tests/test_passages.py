@@ -7,12 +7,15 @@ whole sentences (never list fragments, code or headings).
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from app.config import Settings
 from app.query.answer import QUOTE_GAP
 from tests.fixtures.helpers import make_pdf, upload, wait_for_job
 
@@ -144,3 +147,30 @@ def test_sentence_vectors_are_stored_per_quotable_sentence(library: str, setting
     assert "Descale the boiler every two months with a citric acid solution to remove limescale." in rows
     assert "Grind the beans just before brewing." in rows
     assert not any(s.startswith(("#", "```", "brew --")) for s in rows)
+
+
+def test_a_title_naming_the_asked_year_outweighs_a_body_that_repeats_it(
+    client: TestClient, worker: Any, settings: Settings
+) -> None:
+    """Filings of one company, each reporting the years before it: the body of last year's report names the asked
+    year as often as this year's does, or more. The title is a field of its own (PGSAGE_PASSAGE_TITLE_WEIGHT): the
+    report whose title names the year leads when that signal is weighted."""
+    name = f"titles-{uuid.uuid4().hex[:8]}"
+    older = json.dumps({"_id": "acme-2018", "title": "ACME 2018 annual report",
+                        "text": "ACME revenue in 2019 is expected to grow: ACME revenue in 2019 rises with 2019 "
+                                "orders. Revenue in 2018 was 40 million dollars."})
+    newer = json.dumps({"_id": "acme-2019", "title": "ACME 2019 annual report",
+                        "text": "Sales were 52 million dollars, up from 40 million. The plant opened on "
+                                "schedule."})
+    r = upload(client, "filings.jsonl", f"{older}\n{newer}\n".encode(), name)
+    assert wait_for_job(client, r.json()["job_id"])["state"] == "succeeded"
+
+    def first(weight: float) -> str:
+        body = {"query": "What was ACME's revenue in 2019?", "k": 2, "collection": name, "group": "passage",
+                "retrieval": {"passage_title_weight": weight}}
+        found = client.post("/v1/search", json=body)
+        assert found.status_code == 200, found.text
+        return str(found.json()["results"][0]["external_id"])
+
+    assert first(0.0) == "acme-2018"  # the body that repeats the year wins without the title's own signal
+    assert first(3.0) == "acme-2019"
