@@ -295,6 +295,8 @@ class LexicalLeg:
     document_idf: dict[str, float] = field(default_factory=dict)
     document_avg_length: float = 1.0
     cut: list[str] = field(default_factory=list)  # terms of which only the best `depth` postings were read
+    postings: float = 0.0  # the query terms' postings among the passages (the sum of their frequencies)
+    document_postings: float = 0.0  # ... and among the documents
 
 
 # A posting's BM25 term weight at k1 0.9, b 0.4 and a reference length of 100 terms: the order of the index
@@ -399,25 +401,33 @@ def passage_lexical(
              WHERE {_few()}
         )"""
     scored = _scored_best(2 * n) if depth and not where else _scored_all()
-    document_rows = f"""
+    document_ctes = f""", dstats AS ({_DOCUMENT_STATS}), didf AS (
+            SELECT t.term, d.df, {_idf("d.df")} AS idf
+              FROM terms t CROSS JOIN dstats s CROSS JOIN LATERAL (SELECT {_df("''", "t.term")} AS df) d
+        )""" if documents else ""
+    document_rows = """
         UNION ALL
-        SELECT 'd', NULL, NULL, t.term, {_idf(_df("''", "t.term"))}
-          FROM terms t CROSS JOIN ({_DOCUMENT_STATS}) s
+        SELECT 'd', NULL, NULL, term, idf FROM didf
         UNION ALL
-        SELECT 'D', NULL, NULL, NULL, s.avgdl FROM ({_DOCUMENT_STATS}) s""" if documents else ""
+        SELECT 'G', NULL, NULL, NULL, sum(df) FROM didf
+        UNION ALL
+        SELECT 'D', NULL, NULL, NULL, avgdl FROM dstats""" if documents else ""
     rows = session.execute(
         text(f"""
         WITH terms AS (
             SELECT DISTINCT lexeme AS term FROM unnest(to_tsvector('{TEXT_SEARCH_CONFIG}', :q))
         ), stats AS (
             {_size(":ck")}
-        ), idf AS (
-            SELECT t.term, {_idf(_df(":ck", "t.term"))} AS idf FROM terms t CROSS JOIN stats s
+        ), idf AS MATERIALIZED (
+            SELECT t.term, d.df, {_idf("d.df")} AS idf
+              FROM terms t CROSS JOIN stats s CROSS JOIN LATERAL (SELECT {_df(":ck", "t.term")} AS df) d
         ), {scored}{few}, top AS ({top}
-        )
+        ){document_ctes}
         SELECT 'c' AS kind, chunk_id, document_id, NULL AS term, score AS value FROM top
         UNION ALL
         SELECT 'i', NULL, NULL, term, idf FROM idf
+        UNION ALL
+        SELECT 'F', NULL, NULL, NULL, sum(df) FROM idf
         UNION ALL
         SELECT 'x', NULL, NULL, term, NULL FROM cut
         UNION ALL
@@ -439,6 +449,10 @@ def passage_lexical(
             out.document_idf[term] = value
         elif kind == "C":
             out.avg_length = value
+        elif kind == "F":
+            out.postings = float(value or 0)
+        elif kind == "G":
+            out.document_postings = float(value or 0)
         else:
             out.document_avg_length = value
     return out
@@ -482,6 +496,31 @@ def _z(column: str) -> str:
 def _z_stats(column: str) -> str:
     return (f"avg({column}) AS {column}_m, coalesce(nullif(stddev_pop({column}), 0), 1) AS {column}_s, "
             f"min({column}) AS {column}_lo")
+
+
+# One index probe costs about as much as this many postings read in order along a term's range.
+PROBE_COST = 10
+
+
+def _probing(items: int, terms: int, postings: float) -> bool:
+    """Whether probing each of `items` for each query term beats reading the terms' `postings` whole."""
+    return items * terms * PROBE_COST < postings
+
+
+def _postings_of(table: str, key: str, length: str, scope: str, idf: str, items: str, probe: bool) -> str:
+    """FROM items of the query terms' postings (p: tf and `length`) of the `items` (x.id) in `table`, with the
+    terms' IDF (i): one primary-key probe per item and term, or each term's postings read whole and kept for the
+    items. LATERAL with OFFSET 0 holds the plan: left to choose, the planner read every posting of each item."""
+    if probe:
+        return f"""(SELECT DISTINCT {key} AS id FROM ({items}) y) x CROSS JOIN {idf} i CROSS JOIN LATERAL (
+                   SELECT p.tf, p.{length} FROM {table} p
+                    WHERE p.collection_id = :cid AND {scope}p.term = i.term AND p.{key} = x.id
+                   OFFSET 0) p"""
+    return f"""{idf} i CROSS JOIN LATERAL (
+                   SELECT p.{key} AS id, p.tf, p.{length} FROM {table} p
+                    WHERE p.collection_id = :cid AND {scope}p.term = i.term
+                   OFFSET 0) p CROSS JOIN LATERAL (SELECT p.id) x
+             WHERE p.id IN ({items})"""
 
 
 def passage_ranking(
@@ -581,32 +620,29 @@ def passage_ranking(
         params["ls"] = lexical.scores
         ctes.append(_idf_table("idf", lexical.idf, params))
         # The lexical leg's passages come with their BM25; the dense leg's others are scored here.
-        # One primary-key probe per passage and query term (LATERAL, OFFSET 0 keeps it so): joined flat, the
-        # planner read every posting of each candidate, or of each term, which grows with the collection.
+        # The lexical leg's passages come with their BM25; the dense leg's others are scored here, by the
+        # cheaper of two plans (the planner, left to choose, read every posting of each candidate document).
+        chunk_probes = _probing(n, len(lexical.idf), lexical.postings)
+        others = "SELECT chunk_id FROM candidates WHERE chunk_id <> ALL(CAST(:lc AS bigint[]))"
         ctes.append(f"""bm AS (
             SELECT l.chunk_id, l.score FROM unnest(CAST(:lc AS bigint[]), CAST(:ls AS float8[])) AS l(chunk_id, score)
             UNION ALL
-            SELECT c.chunk_id, {_bm25('chunk_length')} AS score
-              FROM candidates c CROSS JOIN idf i CROSS JOIN (SELECT :avgdl AS avgdl) s
-             CROSS JOIN LATERAL (
-                   SELECT p.tf, p.chunk_length FROM chunk_postings p
-                    WHERE p.collection_id = :cid AND p.chunker = :ck AND p.term = i.term AND p.chunk_id = c.chunk_id
-                   OFFSET 0) p
-             WHERE c.chunk_id <> ALL(CAST(:lc AS bigint[]))
-             GROUP BY c.chunk_id)""")
+            SELECT x.id, {_bm25('chunk_length')} AS score
+              FROM (SELECT :avgdl AS avgdl) s
+             CROSS JOIN {_postings_of("chunk_postings", "chunk_id", "chunk_length", "p.chunker = :ck AND ",
+                                      "idf", others, chunk_probes)}
+             GROUP BY x.id)""")
         chunk_bm25, joins = "coalesce(bm.score, 0)", " LEFT JOIN bm ON bm.chunk_id = c.chunk_id"
         if fusion.documents:
             params["davgdl"] = lexical.document_avg_length
             ctes.append(_idf_table("didf", lexical.document_idf, params))
+            document_probes = _probing(2 * n, len(lexical.document_idf), lexical.document_postings)
             ctes.append(f"""docs AS (
-                SELECT x.document_id, {_bm25('doc_length')} AS score
-                  FROM (SELECT DISTINCT document_id FROM candidates) x CROSS JOIN didf i
-                 CROSS JOIN (SELECT :davgdl AS avgdl) s
-                 CROSS JOIN LATERAL (
-                       SELECT p.tf, p.doc_length FROM lexical_postings p
-                        WHERE p.collection_id = :cid AND p.term = i.term AND p.document_id = x.document_id
-                       OFFSET 0) p
-                 GROUP BY x.document_id)""")
+                SELECT x.id AS document_id, {_bm25('doc_length')} AS score
+                  FROM (SELECT :davgdl AS avgdl) s
+                 CROSS JOIN {_postings_of("lexical_postings", "document_id", "doc_length", "", "didf",
+                                          "SELECT document_id FROM candidates", document_probes)}
+                 GROUP BY x.id)""")
             document_bm25 = "coalesce(dd.score, 0)"
             joins += " LEFT JOIN docs dd ON dd.document_id = c.document_id"
         if fusion.titles:
@@ -614,14 +650,10 @@ def passage_ranking(
             # a long document's text a name or a year in its title is one occurrence among thousands.
             if "didf_t" not in params:
                 ctes.append(_idf_table("didf", lexical.document_idf, params))
-            ctes.append(f"""titles AS (
-                SELECT d.id AS document_id, sum(i.idf) AS score
-                  FROM documents d
-                 CROSS JOIN LATERAL unnest(tsvector_to_array(
-                       to_tsvector('{TEXT_SEARCH_CONFIG}', coalesce(d.title, '')))) AS w(term)
-                  JOIN didf i ON i.term = w.term
-                 WHERE d.id IN (SELECT document_id FROM candidates)
-                 GROUP BY d.id)""")
+            ctes.append("""titles AS (
+                SELECT x.document_id, (SELECT sum(i.idf) FROM didf i WHERE i.term = ANY(d.title_terms)) AS score
+                  FROM (SELECT DISTINCT document_id FROM candidates) x
+                 CROSS JOIN LATERAL (SELECT title_terms FROM documents WHERE id = x.document_id OFFSET 0) d)""")
             title_match = "coalesce(tt.score, 0)"
             joins += " LEFT JOIN titles tt ON tt.document_id = c.document_id"
     ctes.append(f"""signals AS MATERIALIZED (
