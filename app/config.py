@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     passage_title_weight: float = Field(default=0.5, ge=0, le=10)
     # The passage lexical leg reads each query term's best this-many postings (by BM25 term weight), not all of
     # them, so its cost follows the question and not the collection; 0 reads every posting (exact BM25 top n).
-    lexical_depth: int = Field(default=1000, ge=0, le=1_000_000)
+    lexical_depth: int = Field(default=4000, ge=0, le=1_000_000)
     bm25_k1: float = Field(default=0.9, ge=0, le=10)
     bm25_b: float = Field(default=0.4, ge=0, le=1)
     rerank: str = "none"
