@@ -10,13 +10,12 @@ import uuid
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import event
 
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import chunker_key
 from app.query import retrieve
-from tests.fixtures.helpers import upload, wait_for_job
+from tests.fixtures.helpers import captured_statements, upload, wait_for_job
 
 QUERY = "glacier meltwater moraine"
 
@@ -47,11 +46,6 @@ def test_a_cut_term_reads_its_best_postings_and_kept_passages_score_exactly(
     r = upload(client, "surveys.jsonl", ("\n".join(_note(i) for i in range(60)) + "\n").encode(), name)
     assert wait_for_job(client, r.json()["job_id"])["state"] == "succeeded"
     engine = make_engine(settings, pool_size=1)
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
-
     with session_scope(make_sessionmaker(engine)) as session:
         cid, space = retrieve.collection_and_space(session, name, plan_once=False)
         chunker = chunker_key(space.params or {})
@@ -66,9 +60,8 @@ def test_a_cut_term_reads_its_best_postings_and_kept_passages_score_exactly(
         assert deep.scores == exact.scores[:10]
 
         # Depth 5: glacier (60 postings) and meltwater (6) are cut, moraine (2) is read whole.
-        event.listen(engine, "before_cursor_execute", capture)
-        cut = _leg(session, cid, chunker, depth=5)
-        event.remove(engine, "before_cursor_execute", capture)
+        with captured_statements(engine) as statements:
+            cut = _leg(session, cid, chunker, depth=5)
         assert sorted(cut.cut) == ["glacier", "meltwat"]
         assert cut.chunks, "the cut leg found nothing"
         for chunk, score in zip(cut.chunks, cut.scores, strict=True):

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.ingest import store
-from tests.fixtures.helpers import upload, wait_for_job
+from tests.fixtures.helpers import captured_statements, upload, wait_for_job
 
 RECOUNT_DF = """
     SELECT '' AS scope, term, count(*) AS df FROM lexical_postings WHERE collection_id = :c GROUP BY term
@@ -121,22 +121,14 @@ def test_a_lexical_query_reads_no_collection_wide_scan(client: TestClient, worke
     name = f"lexplan-{uuid.uuid4().hex[:8]}"
     r = upload(client, "notes.jsonl", ("\n".join(_note(i) for i in range(3)) + "\n").encode(), name)
     assert wait_for_job(client, r.json()["job_id"])["state"] == "succeeded"
-    from sqlalchemy import event
-
     from app.embedding import chunker_key
 
     engine = make_engine(settings, pool_size=1)
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
-
     with session_scope(make_sessionmaker(engine)) as session:
         cid, space = retrieve.collection_and_space(session, name, plan_once=False)
         chunker = chunker_key(space.params or {})
-        event.listen(engine, "before_cursor_execute", capture)
-        leg = retrieve.passage_lexical(session, "glacier meltwater", cid, chunker, 1, k1=1.2, b=0.75)
-        event.remove(engine, "before_cursor_execute", capture)
+        with captured_statements(engine) as statements:
+            leg = retrieve.passage_lexical(session, "glacier meltwater", cid, chunker, 1, k1=1.2, b=0.75)
         assert len(leg.chunks) == 1  # each of the 3 notes matches; the best one is asked for
         assert leg.idf["glacier"] > 0
         [(sql, parameters)] = [s for s in statements if "chunk_postings" in s[0]]
