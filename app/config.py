@@ -119,7 +119,9 @@ class Settings(BaseSettings):
     # HNSW graph quality (pgvector's defaults are m 16, ef_construction 64). At a million chunks ef_construction
     # 256 with ef_search 200 reaches recall@10 0.95 where 64 / 100 gives 0.80 (BENCHMARKS.md, issue 14); the
     # build takes about 3.6x as long. Applies to indexes built from now on (new spaces, re-indexes).
-    hnsw_m: int = Field(default=16, ge=2, le=100)
+    # m unset: pgvector's 16, or fewer where that fits more elements to an index page (a 384-d halfvec index:
+    # 13, 8 elements to a page instead of 7; spaces.default_m).
+    hnsw_m: int | None = Field(default=None, ge=2, le=100)
     hnsw_ef_construction: int = Field(default=256, ge=4, le=1000)
     hnsw_ef_search: int = Field(default=200, ge=1, le=1000)
     hnsw_max_scan_tuples: int = Field(default=20_000, ge=100)

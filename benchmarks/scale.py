@@ -26,6 +26,13 @@ At each size, over real questions (SciFact train queries and SQuAD-articles ques
     python benchmarks/scale.py                              # 10k, 100k, 1M (hours at 1M on 2 cores)
     python benchmarks/scale.py --sizes 10000 100000         # a quicker run
     python benchmarks/scale.py --keep DIR --measure-kept --out X.json  # measure a kept collection with this code
+    python benchmarks/scale.py --bulk-above 10000           # steps past 10k loaded as a bulk load is
+
+With --bulk-above N, a step that grows the collection past N chunks is written as a bulk load or a re-index
+writes (pgvector's advice for loading many vectors): the space's HNSW index is dropped, all but the step's last
+--store-sample chunks go through the same store path with no HNSW index to insert into, the index is then built
+with the space's own definition (that build is the size's HNSW build time), and the last --store-sample chunks
+are written with the index in place: their rate is the store rate reported, what ingestion sees at that size.
 """
 
 from __future__ import annotations
@@ -219,6 +226,11 @@ def grow(factory: Any, synth: Synthesizer, space_id: int, chunker: str, cid: int
     return docs_written, chunks_written, seconds
 
 
+def _count_chunks(factory: Any, cid: int) -> int:
+    with session_scope(factory) as session:
+        return session.execute(text("SELECT count(*) FROM chunks WHERE collection_id = :c"), {"c": cid}).scalar_one()
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -226,6 +238,33 @@ def _pct(values: list[float], q: float) -> float:
 
 def _summary(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(_pct(times, 0.95), 2)}
+
+
+def build_space_index(engine: Any, space: Any, settings: Settings, name: str | None = None) -> float:
+    """Build the space's HNSW index (under its own name, or `name` beside it) as a re-index builds it; seconds."""
+    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), space.index_type,
+                                 graph=spaces.HnswGraph.of(settings), name=name)
+    t = time.perf_counter()
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        spaces.build_memory(conn, settings.hnsw_build_memory)
+        conn.execute(text(ddl))
+        conn.execute(text("RESET maintenance_work_mem"))
+    return time.perf_counter() - t
+
+
+def bulk_grow(engine: Any, factory: Any, synth: Synthesizer, space: Any, settings: Settings, chunker: str,
+              cid: int, start_doc: int, chunks_wanted: int, sample: int) -> tuple[int, int, float, float]:
+    """Grow by chunks_wanted as a bulk load: index dropped, all but `sample` chunks written, index built, the
+    sample written with the index in place; (docs, sample chunks, their seconds, index build seconds)."""
+    index = spaces.index_name("chunk_vectors", space.id)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {index}"))
+    docs, _, _ = grow(factory, synth, space.id, chunker, cid, start_doc, chunks_wanted - sample)
+    print("  building the space's HNSW index ...", flush=True)
+    build_s = build_space_index(engine, space, settings)
+    more, chunks, seconds = grow(factory, synth, space.id, chunker, cid, start_doc + docs, sample)
+    return docs + more, chunks, seconds, build_s
 
 
 def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid: int, queries: list[str],
@@ -248,15 +287,7 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
     out["sizes_mib"]["total"] = round(sum(sizes.values()) / 2**20, 1)
     if build_index:
         name = f"{index}_scale_build"
-        ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), space.index_type,
-                                     graph=spaces.HnswGraph.of(settings), name=name)
-        t = time.perf_counter()
-        with engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            spaces.build_memory(conn, settings.hnsw_build_memory)  # as a re-index builds a space's index
-            conn.execute(text(ddl))
-            conn.execute(text("RESET maintenance_work_mem"))
-        out["hnsw_build_s"] = round(time.perf_counter() - t, 1)
+        out["hnsw_build_s"] = round(build_space_index(engine, space, settings, name), 1)
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
     # Searches, the query embedding excluded: each query's vector is cached by a first, untimed pass, which also
@@ -315,11 +346,15 @@ def measure(engine: Any, factory: Any, pipeline: QueryPipeline, space: Any, cid:
 def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.ndarray, truths: list[set[int]],
                 kind: str, settings: Settings) -> dict[str, Any]:
     """An HNSW index of another type (halfvec) built beside the space's own, as a space of that type gets it:
-    its build time, size and recall@10 against the same exact top 10; dropped after."""
+    its build time, size and recall@10 against the same exact top 10; dropped after. `kind` may name the graph's
+    m too ("halfvec:m=13"); else the configured m."""
     index = spaces.index_name("chunk_vectors", space.id)
-    name = f"{index}_{kind}"
-    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind,
-                                 graph=spaces.HnswGraph.of(settings), name=name)
+    vector_type, _, option = kind.partition(":m=")
+    graph = spaces.HnswGraph.of(settings)
+    if option:
+        graph = spaces.HnswGraph(int(option), graph.ef_construction)
+    name = f"{index}_{vector_type}_m{graph.m}"
+    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), vector_type, graph=graph, name=name)
     t = time.perf_counter()
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -329,11 +364,11 @@ def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.nda
     build_s = time.perf_counter() - t
     with session_scope(factory) as session:
         size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
-    recalls, times = measure_recall(factory, as_index_type(space, kind), vectors, truths, cid, settings.hnsw_ef_search,
-                                    settings.hnsw_max_scan_tuples)
+    recalls, times = measure_recall(factory, as_index_type(space, vector_type), vectors, truths, cid,
+                                    settings.hnsw_ef_search, settings.hnsw_max_scan_tuples)
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
-    return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1),
+    return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1), "m": graph.m,
             "recall_at_10": round(statistics.fmean(recalls), 4), "dense_leg": _summary(times)}
 
 
@@ -391,10 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--build-index-up-to", type=int, default=1_000_000,
                         help="measure the HNSW build time at sizes up to this many chunks")
-    parser.add_argument("--index-types", nargs="*", default=["halfvec"], choices=["halfvec", "vector"],
-                        help="HNSW index types to build beside the space's own at each size, for size and recall")
+    parser.add_argument("--index-types", nargs="*", default=["halfvec"],
+                        help="HNSW index types to build beside the space's own at each size, for size and recall: "
+                             "halfvec or vector, optionally with the graph's m (halfvec:m=13)")
     parser.add_argument("--ef-search", type=int, nargs="*", default=[40, 100, 200, 400],
                         help="ef_search values whose recall@10 and dense-leg latency are measured at each size")
+    parser.add_argument("--bulk-above", type=int, default=None,
+                        help="grow steps past this many chunks as a bulk load: HNSW index dropped, rebuilt, a sample "
+                             "of the step written with it in place for the store rate")
+    parser.add_argument("--store-sample", type=int, default=4000,
+                        help="chunks written with the index in place at the end of a bulk step (its store rate)")
     parser.add_argument("--base-documents", type=int, default=None, help="use only this many real documents")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", "/tmp")) / "pgsage")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -432,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             print("measuring the kept collection ...", flush=True)
             row = {"size": None, "measured_kept": True,
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings, False,
-                             tuple(k for k in args.index_types if k != space.index_type), tuple(args.ef_search))}
+                             tuple(k for k in args.index_types if k.partition(':')[0] != space.index_type), tuple(args.ef_search))}
             row["size"] = row["chunks"]
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
@@ -445,14 +486,23 @@ def main(argv: list[str] | None = None) -> int:
         have, next_doc = 0, 0
         for size in sizes:
             print(f"[{size}] growing the collection from {have} chunks ...", flush=True)
-            docs, chunks, seconds = grow(factory, synth, space.id, chunker, cid, next_doc, size - have)
+            bulk = args.bulk_above is not None and size > args.bulk_above and size - have > args.store_sample
+            row: dict[str, Any] = {"size": size}
+            t = time.perf_counter()
+            if bulk:
+                docs, chunks, seconds, build_s = bulk_grow(engine, factory, synth, space, settings, chunker, cid,
+                                                           next_doc, size - have, args.store_sample)
+                row.update(bulk_load=True, hnsw_build_s=round(build_s, 1), store_sample_chunks=chunks)
+            else:
+                docs, chunks, seconds = grow(factory, synth, space.id, chunker, cid, next_doc, size - have)
+            row["grow_s"] = round(time.perf_counter() - t, 1)
             next_doc += docs
-            have += chunks
+            have = int(_count_chunks(factory, cid))
             print(f"[{size}] measuring ...", flush=True)
-            row = {"size": size, "store_chunks_per_s": round(chunks / seconds, 1), "store_s": round(seconds, 1),
+            row.update({"store_chunks_per_s": round(chunks / seconds, 1), "store_s": round(seconds, 1),
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings,
-                             size <= args.build_index_up_to,
-                             tuple(k for k in args.index_types if k != space.index_type), tuple(args.ef_search))}
+                             size <= args.build_index_up_to and not bulk,
+                             tuple(k for k in args.index_types if k.partition(':')[0] != space.index_type), tuple(args.ef_search))})
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -472,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.index_types:
             if kind in r:
                 h = r[kind]
+                kind = f"{kind} (m {h.get('m', '?')})"
                 print(f"{r['chunks']:>9} {kind} index: {h['index_mib']} MiB "
                       f"({h['index_mib'] / max(r['sizes_mib']['hnsw_index'], 1e-9):.2f} of the space's), built in "
                       f"{h['build_s']} s, recall@10 {h['recall_at_10']} (space's: {r['recall_at_10']}), "

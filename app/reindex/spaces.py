@@ -79,17 +79,54 @@ def index_name(table: str, space_id: int) -> str:
     return f"ix_{table}_hnsw_m{int(space_id)}"
 
 
+# pgvector's HNSW page layout (src/hnsw.h): an element tuple holds 10 heap TIDs and its neighbour tuple's TID
+# ahead of the vector (72 bytes), its neighbour tuple (level + 2) * m TIDs of 6 bytes after 4 bytes, each tuple
+# MAXALIGNed with a 4-byte line pointer, on 8 KB pages with a 24-byte header and 8 bytes of special space.
+_PAGE_SPACE = 8192 - 24 - 8
+_VALUE_BYTES = {"vector": 4, "halfvec": 2}
+DEFAULT_M = 16
+_FEWEST_M = 12
+
+
+def _maxalign(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def elements_per_page(kind: str, dimension: int, m: int) -> int:
+    """How many bottom-layer elements (element tuple and its neighbour tuple, kept on one page) an 8 KB page of
+    pgvector's HNSW index holds: the index's size is its element count over this."""
+    element = _maxalign(72 + 8 + _VALUE_BYTES[kind] * int(dimension)) + 4
+    neighbours = _maxalign(4 + 2 * int(m) * 6) + 4
+    return _PAGE_SPACE // (element + neighbours)
+
+
+def default_m(kind: str, dimension: int) -> int:
+    """pgvector's default m (16), or the largest m down to 12 that packs more elements to a page. The vector
+    dominates an element's bytes, so the page count barely moves with m, except where a few neighbours less
+    let one more element fit: a 384-d halfvec element with m 16 leaves 7 to a page, with m 13, 8 (the index
+    12% smaller). The graph keeps 2m links per element in its bottom layer either way (recall: BENCHMARKS.md)."""
+    best = elements_per_page(kind, dimension, DEFAULT_M)
+    for m in range(DEFAULT_M - 1, _FEWEST_M - 1, -1):
+        if elements_per_page(kind, dimension, m) > best:
+            return m
+    return DEFAULT_M
+
+
 @dataclass(frozen=True)
 class HnswGraph:
-    """An HNSW index's build parameters: links per node (m) and the candidate list while inserting
-    (ef_construction). They apply to the build and to every vector inserted after it."""
+    """An HNSW index's build parameters: links per node (m; None: default_m for the index's vector type and
+    dimension) and the candidate list while inserting (ef_construction). They apply to the build and to every
+    vector inserted after it."""
 
-    m: int = 16
+    m: int | None = None
     ef_construction: int = 256
 
     @classmethod
     def of(cls, settings: Settings) -> HnswGraph:
         return cls(settings.hnsw_m, settings.hnsw_ef_construction)
+
+    def links(self, kind: str, dimension: int) -> int:
+        return self.m if self.m is not None else default_m(kind, dimension)
 
 
 def index_statement(table: str, space_id: int, dimension: int, kind: str = "vector", *,
@@ -103,7 +140,7 @@ def index_statement(table: str, space_id: int, dimension: int, kind: str = "vect
     return (
         f"CREATE INDEX {how}IF NOT EXISTS {name or index_name(table, space_id)} ON {table} "
         f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) "
-        f"WITH (m = {int(graph.m)}, ef_construction = {int(graph.ef_construction)}) WHERE model_id = {int(space_id)}"
+        f"WITH (m = {int(graph.links(kind, dimension))}, ef_construction = {int(graph.ef_construction)}) WHERE model_id = {int(space_id)}"
     )
 
 
