@@ -469,11 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         vectors = embedders.configured.encode(qs, batch_size=1)
         result["query_embedding_ms_mean"] = round((time.perf_counter() - t) * 1000 / len(qs), 2)
         print(f"one query embedding: {result['query_embedding_ms_mean']} ms (mean of {len(qs)})", flush=True)
+        others = tuple(k for k in args.index_types if k.partition(":")[0] != space.index_type)
         if args.measure_kept:
             print("measuring the kept collection ...", flush=True)
             row = {"size": None, "measured_kept": True,
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings, False,
-                             tuple(k for k in args.index_types if k.partition(':')[0] != space.index_type), tuple(args.ef_search))}
+                             others, tuple(args.ef_search))}
             row["size"] = row["chunks"]
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update({"store_chunks_per_s": round(chunks / seconds, 1), "store_s": round(seconds, 1),
                    **measure(engine, factory, pipeline, space, cid, qs, vectors, settings,
                              size <= args.build_index_up_to and not bulk,
-                             tuple(k for k in args.index_types if k.partition(':')[0] != space.index_type), tuple(args.ef_search))})
+                             others, tuple(args.ef_search))})
             result["sizes"].append(row)
             print(json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,8 @@ import signal
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 

@@ -140,7 +140,8 @@ def index_statement(table: str, space_id: int, dimension: int, kind: str = "vect
     return (
         f"CREATE INDEX {how}IF NOT EXISTS {name or index_name(table, space_id)} ON {table} "
         f"USING hnsw ((embedding::{kind}({int(dimension)})) {kind}_cosine_ops) "
-        f"WITH (m = {int(graph.links(kind, dimension))}, ef_construction = {int(graph.ef_construction)}) WHERE model_id = {int(space_id)}"
+        f"WITH (m = {int(graph.links(kind, dimension))}, ef_construction = {int(graph.ef_construction)}) "
+        f"WHERE model_id = {int(space_id)}"
     )
 
 
