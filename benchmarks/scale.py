@@ -240,10 +240,12 @@ def _summary(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(_pct(times, 0.95), 2)}
 
 
-def build_space_index(engine: Any, space: Any, settings: Settings, name: str | None = None) -> float:
-    """Build the space's HNSW index (under its own name, or `name` beside it) as a re-index builds it; seconds."""
-    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), space.index_type,
-                                 graph=spaces.HnswGraph.of(settings), name=name)
+def build_space_index(engine: Any, space: Any, settings: Settings, name: str | None = None, kind: str | None = None,
+                      graph: spaces.HnswGraph | None = None) -> float:
+    """Build the space's HNSW index (under its own name, or `name` beside it, of another vector type or graph) as
+    a re-index builds it; seconds."""
+    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), kind or space.index_type,
+                                 graph=graph or spaces.HnswGraph.of(settings), name=name)
     t = time.perf_counter()
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -353,22 +355,16 @@ def other_index(engine: Any, factory: Any, space: Any, cid: int, vectors: np.nda
     graph = spaces.HnswGraph.of(settings)
     if option:
         graph = spaces.HnswGraph(int(option), graph.ef_construction)
-    name = f"{index}_{vector_type}_m{graph.m}"
-    ddl = spaces.index_statement("chunk_vectors", space.id, int(space.dimension), vector_type, graph=graph, name=name)
-    t = time.perf_counter()
-    with engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        spaces.build_memory(conn, settings.hnsw_build_memory)
-        conn.execute(text(ddl))
-        conn.execute(text("RESET maintenance_work_mem"))
-    build_s = time.perf_counter() - t
+    m = graph.links(vector_type, int(space.dimension))
+    name = f"{index}_{vector_type}_m{m}"
+    build_s = build_space_index(engine, space, settings, name, vector_type, graph)
     with session_scope(factory) as session:
         size = session.execute(text("SELECT pg_relation_size(CAST(:n AS regclass))"), {"n": name}).scalar_one()
     recalls, times = measure_recall(factory, as_index_type(space, vector_type), vectors, truths, cid,
                                     settings.hnsw_ef_search, settings.hnsw_max_scan_tuples)
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"DROP INDEX {name}"))
-    return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1), "m": graph.m,
+    return {"index_mib": round(size / 2**20, 1), "build_s": round(build_s, 1), "m": m,
             "recall_at_10": round(statistics.fmean(recalls), 4), "dense_leg": _summary(times)}
 
 
