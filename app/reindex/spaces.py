@@ -104,7 +104,8 @@ def default_m(kind: str, dimension: int) -> int:
     """pgvector's default m (16), or the largest m down to 12 that packs more elements to a page. The vector
     dominates an element's bytes, so the page count barely moves with m, except where a few neighbours less
     let one more element fit: a 384-d halfvec element with m 16 leaves 7 to a page, with m 13, 8 (the index
-    12% smaller). The graph keeps 2m links per element in its bottom layer either way (recall: BENCHMARKS.md)."""
+    7% smaller as measured: upper-layer elements cost some pages their eighth).
+    The graph keeps 2m links per element in its bottom layer either way (recall: BENCHMARKS.md)."""
     best = elements_per_page(kind, dimension, DEFAULT_M)
     for m in range(DEFAULT_M - 1, _FEWEST_M - 1, -1):
         if elements_per_page(kind, dimension, m) > best:
