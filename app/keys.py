@@ -131,7 +131,9 @@ def revoke(session: Session, ident: str) -> dict[str, Any]:
 def authenticate(session: Session, key: str) -> tuple[Principal, bool] | None:
     """The principal of a valid, unrevoked key, and whether its last use is worth recording (older than a
     minute); None for anything else. Reads only, so it can share the request's transaction."""
-    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+    # A key is printable ASCII; anything else (a header can carry Latin-1 and, in-process, control characters)
+    # is no key, and never reaches the query.
+    if not key.startswith(KEY_PREFIX) or len(key) > 200 or not (key.isascii() and key.isprintable()):
         return None
     prefix = key[len(KEY_PREFIX) :].split("_", 1)[0]
     row = (

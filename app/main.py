@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -96,7 +97,64 @@ def build_resources(settings: Settings) -> Resources:
 
 
 def _error(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"error": code, "detail": _renderable(detail)}, status_code=status, headers=headers)
+
+
+def _renderable(detail: Any) -> Any:
+    """The detail with every string encodable as UTF-8: a message or a field location may quote what the client
+    sent, lone surrogates included (JSON's \\ud800 escape decodes to one), and the error must still render."""
+    if isinstance(detail, str):
+        try:
+            detail.encode("utf-8")
+        except UnicodeEncodeError:
+            return detail.encode("utf-8", "backslashreplace").decode("utf-8")
+        return detail
+    if isinstance(detail, dict):
+        return {_renderable(k): _renderable(v) for k, v in detail.items()}
+    if isinstance(detail, (list, tuple)):
+        return [_renderable(v) for v in detail]
+    return detail
+
+
+# SQLSTATE classes and codes (the driver's error's `sqlstate`), by what they say about the request.
+_REFUSED_VALUE = ("22", "23514")  # data exception (a value of the wrong form or range), a check constraint
+_OVER_A_LIMIT = ("54",)  # program limit exceeded: a value past what the database can hold or index
+_CONFLICT = ("23503", "23505", "23P01", "40", "55P03")  # a concurrent change: the same request may succeed again
+_DOWN = ("08", "53", "57", "58", "F0", "XX001", "XX002")  # the database, its connection or its disk is unwell
+
+
+def _database_error(exc: StatementError) -> JSONResponse:
+    """A database error as the client should read it: a value it sent that the database refuses is a 4xx (never
+    retried into the same refusal), a concurrent change a 409, and only a database that is unreachable,
+    shutting down or out of resources a 503; anything else is this service's fault, a 500."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or ""
+    reason = _reason(orig)
+    if isinstance(orig, (UnicodeError, psycopg.DataError)) or state.startswith(_REFUSED_VALUE):
+        log.info("the database refused a value: %s", reason)
+        return _error(422, "invalid_input", f"the database refused a value in the request: {reason}")
+    if state.startswith(_OVER_A_LIMIT):
+        log.info("a value is over a database limit: %s", reason)
+        return _error(413, "payload_too_large", f"a value in the request is over a database limit: {reason}")
+    if state.startswith(_CONFLICT):
+        log.info("a request met a concurrent change: %s", reason)
+        return _error(409, "conflict", f"the request met a concurrent change; send it again ({reason})")
+    down = state.startswith(_DOWN) or (
+        isinstance(exc, DBAPIError) and (exc.connection_invalidated or (
+            not state and isinstance(orig, psycopg.OperationalError))))
+    if down:
+        log.warning("database unavailable: %s", exc)
+        return _error(503, "unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"})
+    log.error("database error", exc_info=exc)
+    return _error(500, "internal_error", "a database error occurred")
+
+
+def _reason(orig: BaseException | None) -> str:
+    """The first line of the database's message, short enough to quote."""
+    diag = getattr(orig, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(orig or "").strip()
+    first = message.splitlines()[0] if message else "no reason given"
+    return first if len(first) <= 300 else first[:300] + "..."
 
 
 def _allowed_methods(app: FastAPI, path: str) -> list[str]:
@@ -162,14 +220,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in errors]
         return _error(422, "invalid_input", detail)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
-    async def database_down(_: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not isinstance(exc, OperationalError):
-            log.exception("database error")
-            return _error(500, "internal_error", "a database error occurred")
-        log.warning("database unavailable: %s", exc)
-        return _error(503, "unavailable", "the database is unavailable; retry shortly", {"Retry-After": "5"})
+    @app.exception_handler(StatementError)  # DBAPIError and OperationalError are kinds of it
+    async def database_error(_: Request, exc: StatementError) -> JSONResponse:
+        return _database_error(exc)
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def not_unicode(_: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        """Text with a lone surrogate (JSON's \\ud800 escape) that reached an encoder, the database driver's
+        included (it raises this, not a database error): what the client sent, not a fault here."""
+        if exc.reason != "surrogates not allowed":
+            log.error("text could not be encoded", exc_info=exc)
+            return _error(500, "internal_error", "text could not be encoded")
+        return _error(422, "invalid_input", "the request holds text that is not valid Unicode (an unpaired surrogate)")
 
     app.add_middleware(BodySizeLimit, settings=settings)
     app.add_middleware(RequestMetrics)  # added last, so outermost: it sees every answer, refusals included

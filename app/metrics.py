@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.db.session import session_scope
@@ -35,6 +36,10 @@ HTTP_REQUESTS = Counter("pgsage_http_requests", "HTTP requests answered, by rout
 HTTP_LATENCY = Histogram("pgsage_http_request_duration_seconds",
                          "Time to answer an HTTP request (to the end of a streamed body), by route and method.",
                          ["route", "method"], buckets=LATENCY_BUCKETS)
+# Label values come from closed sets: a client chooses its method token and its path, and a label value per
+# token or path would let any client, with or without a key, add series without bound.
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+OTHER = "other"
 QUERY_EMBEDDING = Histogram("pgsage_query_embedding_seconds", "Time to embed one search query or question.",
                             buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0))
 
@@ -193,8 +198,15 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "GET")
+            template, method = request_labels(scope)
             HTTP_REQUESTS.labels(template, method, str(status)).inc()
             HTTP_LATENCY.labels(template, method).observe(time.perf_counter() - started)
+
+
+def request_labels(scope: Scope) -> tuple[str, str]:
+    """A request's route and method labels: a registered route's template (never the concrete path) and a
+    known method, `other` for anything else."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) if isinstance(route, BaseRoute) else None
+    method = scope.get("method", "")
+    return template if isinstance(template, str) and template else OTHER, method if method in KNOWN_METHODS else OTHER

@@ -71,3 +71,32 @@ def test_metrics_can_require_a_token(settings: Settings) -> None:
         assert r.status_code == 200
         assert "pgsage_documents" in r.text
         assert "/metrics" not in c.get("/openapi.json").json()["paths"]
+
+
+def _http_series(client: TestClient) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {key for key in _samples(client.get("/metrics").text) if key[0].startswith("pgsage_http_")}
+
+
+def test_requests_without_a_key_add_no_series(anonymous: TestClient) -> None:
+    """Issue 27, point 3: made-up methods (the server takes any method token) and unknown paths were each a series
+    of their own; 200 such requests added 4,200. Labels are now known methods and route templates, `other` for the
+    rest, so once each kind of refusal has been counted once, no request without a key adds a series."""
+    def hostile(i: int) -> None:
+        assert anonymous.request(f"M{i}THOD", f"/no/such/path/{i}").status_code in (404, 405)
+        assert anonymous.request(f"X-{i}", "/v1/search").status_code == 405
+        assert anonymous.request(f"Q{i}", "/healthz").status_code == 405
+        assert anonymous.get(f"/v1/nothing-here-{i}").status_code == 404
+        assert anonymous.post("/v1/search", json={"query": f"q{i}"}).status_code == 401
+
+    hostile(0)
+    before = _http_series(anonymous)  # this scrape's own series are counted by the next one
+    before = _http_series(anonymous)
+    for i in range(1, 201):
+        hostile(i)
+    after = _http_series(anonymous)
+    assert after - before == set()
+    methods = {dict(labels)["method"] for _, labels in after}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}, methods
+    routes = {dict(labels)["route"] for _, labels in after}
+    assert not any(route.startswith("/no/such") or route.startswith("/v1/nothing") for route in routes), routes
+    assert ("pgsage_http_requests_total", (("method", "other"), ("route", "/v1/search"), ("status", "405"))) in after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import datetime
@@ -10,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.config import get_settings
-from app.ingest.load import unstorable
+from app.ingest.load import MAX_EXTERNAL_ID, MAX_JSON_DEPTH, MAX_TITLE
 from app.ingest.store import COLLECTION_RULE
 
 MAX_FILTER_KEYS = 16
@@ -36,19 +37,31 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-# Text fields: Postgres text holds no NUL character, so the schema says so.
+# Text fields. Postgres text holds no NUL and no lone surrogate; beyond that, names, ids, titles and keys are
+# one line of printable characters, and free text (a query, a question, a metadata value) may also hold tabs
+# and line breaks. Control characters means Unicode's Cc: U+0000-U+001F and U+007F-U+009F.
+CONTROLS = r"\x00-\x1f\x7f-\x9f"
+TEXT_CONTROLS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"  # Cc but tab, line feed and carriage return
 NO_NUL = r"^[^\x00]*$"
+ONE_LINE = rf"^[^{CONTROLS}]*$"
+TEXT = rf"^[^{TEXT_CONTROLS}]*$"
 # "Not blank" means a character that is neither Python's whitespace nor JSON Schema's (ECMA) \s.
 NOT_BLANK = r"^[^\x00]*[^\s\x00\x1c-\x1f\x85\ufeff][^\x00]*$"
-# External ids: printable (no control characters), not blank.
-PRINTABLE_ID = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f\ufeff][^\x00-\x1f\x7f-\x9f]*$"
-_SCALAR = {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+TEXT_NOT_BLANK = rf"^[^{TEXT_CONTROLS}]*[^\s{CONTROLS}\ufeff][^{TEXT_CONTROLS}]*$"
+# External ids, key names, model names: printable (no control characters), not blank.
+PRINTABLE_ID = rf"^[^{CONTROLS}]*[^\s{CONTROLS}\ufeff][^{CONTROLS}]*$"
+MAX_KEY_CHARS = 128  # a metadata or filter key
+MAX_VALUE_CHARS = 10_000  # a metadata or filter string value
+MAX_KEY_NAME = 200
+_SCALAR = {"anyOf": [{"type": "string", "maxLength": MAX_VALUE_CHARS, "pattern": TEXT}, {"type": "number"},
+                     {"type": "boolean"}, {"type": "null"}]}
+_KEY_NAMES = {"minLength": 1, "maxLength": MAX_KEY_CHARS, "pattern": ONE_LINE}
 FILTERS_SCHEMA: dict[str, Any] = {
     "anyOf": [
         {
             "type": "object",
             "maxProperties": MAX_FILTER_KEYS,
-            "propertyNames": {"minLength": 1, "maxLength": 128, "pattern": NO_NUL},
+            "propertyNames": _KEY_NAMES,
             "additionalProperties": {"anyOf": [
                 _SCALAR, {"type": "array", "minItems": 1, "maxItems": 100, "items": _SCALAR},
             ]},
@@ -56,6 +69,11 @@ FILTERS_SCHEMA: dict[str, Any] = {
         {"type": "null"},
     ],
     "description": "Metadata filters: {key: value} must match exactly; {key: [a, b]} matches any of them.",
+}
+METADATA_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "object", "propertyNames": _KEY_NAMES}, {"type": "null"}],
+    "description": f"Any JSON object. Keys: 1-{MAX_KEY_CHARS} characters, no control characters; strings: at most "
+                   f"{MAX_VALUE_CHARS} characters, no control characters but tab and line breaks.",
 }
 
 
@@ -86,37 +104,95 @@ def _schema(pattern: str | None = None, **settings_limits: str) -> Any:
     return extra
 
 
-def _text(value: Any, what: str, *, blank_ok: bool = False) -> Any:
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError(f"{what} contains a NUL character")
-        if not blank_ok and not value.strip():
-            raise ValueError(f"{what} is blank")
+def check_text(value: Any, what: str, *, limit: int | None = None, one_line: bool = False,
+               blank_ok: bool = False) -> Any:
+    """Raise ValueError, with a message naming the problem, for a string no field of the API takes: a NUL, a lone
+    surrogate, a control character (one-line fields: any; free text: any but tab and line breaks), more than
+    limit characters, or (unless blank_ok) nothing but whitespace. Anything else is returned for pydantic to type."""
+    if not isinstance(value, str):
+        return value
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (U+0000)")
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise ValueError(f"{what} contains an unpaired surrogate (U+{ord(bad.group()):04X}): it is not valid Unicode")
+    bad = (_CONTROL if one_line else _TEXT_CONTROL).search(value)
+    if bad:
+        allowed = "" if one_line else " other than tab and line breaks"
+        raise ValueError(f"{what} contains a control character{allowed} (U+{ord(bad.group()):04X})")
+    if not blank_ok and not value.strip():
+        raise ValueError(f"{what} is blank")
     return value
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL = re.compile(f"[{CONTROLS}]")
+_TEXT_CONTROL = re.compile(f"[{TEXT_CONTROLS}]")
+
+
+def check_metadata(value: Any, what: str) -> None:
+    """Raise ValueError for metadata no filter could name or the database could not store: keys of 1-128 characters
+    on one line, strings of free text up to MAX_VALUE_CHARS, finite numbers, nested at most MAX_JSON_DEPTH."""
+    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(item, str):
+            check_text(item, where, limit=MAX_VALUE_CHARS, blank_ok=True)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} is {item!r}, not a finite number")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"{where}: a key is empty")
+                shown = _shown(key)
+                check_text(key, f"{where}: the key {shown}", limit=MAX_KEY_CHARS, one_line=True, blank_ok=True)
+                stack.append((sub, f"{where}.{shown}", depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{where}[{i}]", depth + 1) for i, sub in enumerate(item))
+
+
+def _shown(key: str) -> str:
+    """A key as a message may quote it: escaped, and cut to 60 characters."""
+    escaped = key.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= 60 else escaped[:60] + "..."
 
 
 def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _check_filters(value: dict[str, Any] | None) -> dict[str, Any] | None:
+def _check_filters(value: Any) -> Any:
+    """Filters as the schema describes them (FILTERS_SCHEMA), refused with a message that names the key at fault;
+    runs before pydantic types the field, so a key or value no stored metadata could hold never gets further."""
+    if not isinstance(value, dict):
+        return value
     if not value:
         return None
     if len(value) > MAX_FILTER_KEYS:
         raise ValueError(f"at most {MAX_FILTER_KEYS} filter keys")
     for key, option in value.items():
-        if not key or len(key) > 128:
-            raise ValueError("filter keys are 1-128 characters")
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
+            raise ValueError(f"filter keys are 1-{MAX_KEY_CHARS} characters")
+        shown = _shown(key)
+        check_text(key, f"the filter key {shown}", one_line=True, blank_ok=True)
         if isinstance(option, list):
             if not 1 <= len(option) <= 100:
-                raise ValueError(f"filter {key!r}: a list holds 1-100 values")
+                raise ValueError(f"filter {shown}: a list holds 1-100 values")
             if not all(_scalar(v) for v in option):
-                raise ValueError(f"filter {key!r}: each value in a list is a string, number, boolean or null")
+                raise ValueError(f"filter {shown}: each value in a list is a string, number, boolean or null")
+            values = option
         elif not _scalar(option):
-            raise ValueError(f"filter {key!r}: a value is a string, number, boolean or null, or a list of them")
-    problem = unstorable(value)
-    if problem:
-        raise ValueError(f"{problem}, which no stored metadata can hold")
+            raise ValueError(f"filter {shown}: a value is a string, number, boolean or null, or a list of them")
+        else:
+            values = [option]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"filter {shown}: {v!r} is not a finite number")
+            check_text(v, f"filter {shown}: a value", limit=MAX_VALUE_CHARS, blank_ok=True)
     return value
 
 
@@ -166,12 +242,12 @@ RERANK_DESCRIPTION = (
     "other than the configured one (PGSAGE_RERANK) needs an admin key for all collections: it loads that model "
     "into the server."
 )
-RERANK_PATTERN = r"^(none|prf|cross-encoder:\S.*)$"
+RERANK_PATTERN = rf"^(none|prf|cross-encoder:[^\s{CONTROLS}][^{CONTROLS}]*)$"
 
 
 class SearchIn(_In):
     query: str = Field(min_length=1, description="The text to search for.",
-                       json_schema_extra=_schema(NOT_BLANK, maxLength="max_query_chars"))
+                       json_schema_extra=_schema(TEXT_NOT_BLANK, maxLength="max_query_chars"))
     k: Positive = Field(default=10, description="How many chunks to return.",
                    json_schema_extra=_schema(maximum="search_max_k"))
     collection: CollectionName = "default"
@@ -185,11 +261,7 @@ class SearchIn(_In):
     @field_validator("query", mode="before")
     @classmethod
     def _query(cls, v: Any) -> Any:
-        limit = get_settings().max_query_chars
-        _text(v, "the query")
-        if isinstance(v, str) and len(v) > limit:
-            raise ValueError(f"the query is longer than {limit} characters")
-        return v
+        return check_text(v, "the query", limit=get_settings().max_query_chars)
 
     @field_validator("k")
     @classmethod
@@ -199,14 +271,19 @@ class SearchIn(_In):
             raise ValueError(f"k must be between 1 and {limit}")
         return v
 
-    @field_validator("filters")
+    @field_validator("filters", mode="before")
     @classmethod
-    def _filters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _filters(cls, v: Any) -> Any:
         return _check_filters(v)
+
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _rerank(cls, v: Any) -> Any:
+        return check_text(v, "rerank", limit=500, one_line=True)
 
 
 class AskIn(_In):
-    question: str = Field(min_length=1, json_schema_extra=_schema(NOT_BLANK, maxLength="max_query_chars"))
+    question: str = Field(min_length=1, json_schema_extra=_schema(TEXT_NOT_BLANK, maxLength="max_query_chars"))
     k: UpTo50 = 5
     collection: CollectionName = "default"
     filters: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(FILTERS_SCHEMA))
@@ -218,21 +295,51 @@ class AskIn(_In):
     @field_validator("question", mode="before")
     @classmethod
     def _question(cls, v: Any) -> Any:
-        return SearchIn._query(v)
+        return check_text(v, "the question", limit=get_settings().max_query_chars)
 
-    @field_validator("filters")
+    @field_validator("filters", mode="before")
     @classmethod
-    def _filters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _filters(cls, v: Any) -> Any:
         return _check_filters(v)
+
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _rerank(cls, v: Any) -> Any:
+        return check_text(v, "rerank", limit=500, one_line=True)
 
 
 class DocumentIn(_In):
     text: str = Field(min_length=1, json_schema_extra=_schema(NOT_BLANK))
-    title: str | None = Field(default=None, max_length=1000, json_schema_extra=_schema(NO_NUL))
-    metadata: dict[str, Any] | None = None
-    external_id: str | None = Field(default=None, min_length=1, max_length=512,
+    title: str | None = Field(default=None, max_length=MAX_TITLE, json_schema_extra=_schema(ONE_LINE),
+                              description="One line of at most 1000 characters.")
+    metadata: dict[str, Any] | None = Field(default=None, json_schema_extra=lambda s: s.update(METADATA_SCHEMA))
+    external_id: str | None = Field(default=None, min_length=1, max_length=MAX_EXTERNAL_ID,
                                     json_schema_extra=_schema(PRINTABLE_ID))
     collection: CollectionName = "default"
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        # Control characters are the text's own business (a form feed separates pages); the database's are not.
+        if isinstance(v, str) and ("\x00" in v or _SURROGATE.search(v)):
+            check_text(v, "the text")
+        return v
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _title(cls, v: Any) -> Any:
+        return check_text(v, "the title", limit=MAX_TITLE, one_line=True, blank_ok=True)
+
+    @field_validator("external_id", mode="before")
+    @classmethod
+    def _external_id(cls, v: Any) -> Any:
+        return check_text(v, "external_id", limit=MAX_EXTERNAL_ID, one_line=True)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v: Any) -> Any:
+        check_metadata(v, "metadata")
+        return v
 
 
 class ChunkOut(BaseModel):
@@ -385,20 +492,30 @@ class ReindexIn(_In):
         description="A label for the model's weights (default: a hash of the weight files).",
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, v: Any) -> Any:
+        return check_text(v, "the model", limit=500, one_line=True)
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision(cls, v: Any) -> Any:
+        return check_text(v, "the revision", limit=200, one_line=True)
+
 
 class KeyIn(_In):
-    name: str = Field(min_length=1, max_length=200, description="What the key is for.",
-                      json_schema_extra=_schema(NOT_BLANK))
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _name(cls, v: Any) -> Any:
-        return _text(v, "the name")
+    name: str = Field(min_length=1, max_length=MAX_KEY_NAME, description="What the key is for.",
+                      json_schema_extra=_schema(PRINTABLE_ID))
     role: Literal["read", "write", "admin"] = Field(description="read: search, ask, read; write: also ingest "
                                                     "and delete; admin: also re-index and keys.")
     collections: list[Annotated[str, Field(pattern=rf"^(?:{COLLECTION_RULE}|\*)$")]] = Field(
         min_length=1, max_length=100, description="Collection names the key reaches, or ['*'] for all."
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> Any:
+        return check_text(v, "the name", limit=MAX_KEY_NAME, one_line=True)
 
 
 class KeyOut(BaseModel):
@@ -437,8 +554,9 @@ _ERRORS = {
     401: "No API key, or one that is not valid or has been revoked.",
     403: "The key lacks the role, or does not reach the collection.",
     404: "No such collection, document, job or key (or not one this key can see).",
-    409: "The action conflicts with the current state (a re-index running, nothing to roll back...).",
-    413: "The body, the upload or the number of documents is over its limit.",
+    409: "The action conflicts with the current state (a re-index running, nothing to roll back...), or met a "
+         "concurrent change to the same rows (send it again).",
+    413: "The body, the upload, the number of documents or a value is over its limit.",
     415: "Unsupported file type or content type.",
     422: "Invalid input: the fields at fault and why.",
     429: "This key's rate limit is exceeded; retry after Retry-After seconds.",
@@ -451,8 +569,9 @@ _HEADERS = {
     429: _RETRY_AFTER,
     503: _RETRY_AFTER,
 }
-# Every /v1 operation can answer these (a key is checked, the body is limited, the database is needed).
-V1_ERRORS = (400, 401, 403, 413, 422, 429, 503)
+# Every /v1 operation can answer these (a key is checked, the body is limited, the database is needed and may
+# refuse a value or meet a concurrent change).
+V1_ERRORS = (400, 401, 403, 409, 413, 422, 429, 503)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
