@@ -139,7 +139,7 @@ def check_metadata(value: Any, what: str) -> None:
     while stack:
         item, where, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+            raise ValueError(f"{where[:60]}... is nested more than {MAX_JSON_DEPTH} levels deep")
         if isinstance(item, str):
             check_text(item, where, limit=MAX_VALUE_CHARS, blank_ok=True)
         elif isinstance(item, float) and not math.isfinite(item):
