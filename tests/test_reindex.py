@@ -557,7 +557,7 @@ def test_rollback_restores_the_previous_results_exactly(under_load: UnderLoad) -
 
     r = client.post("/v1/admin/reindex/rollback")
     assert r.status_code == 200, r.text
-    assert r.json() == {"from_space": under_load.new_id, "to_space": under_load.old_id}
+    assert r.json() == {"from_space": under_load.new_id, "to_space": under_load.old_id, "rollback_targets": []}
 
     spaces, restored = search_all(client, "scifact", SCIFACT_QUERIES)
     assert spaces == {under_load.old_id}

@@ -17,13 +17,17 @@ class EmbeddingModel(Base):
 
     status: building -> active -> retired (kept for rollback) -> dropping -> dropped; or failed, cancelled,
     superseded, refused (by the quality gate), rolled_back; those are dropped after the retention time too
-    (dropping -> their status again, or dropped).
+    (dropping -> their status again, or dropped). One space at most is retired: the next switch supersedes it
+    (it stops receiving writes then, so it stops being a rollback target).
     """
 
     __tablename__ = "embedding_models"
     __table_args__ = (
         Index("uq_embedding_models_one_active", text("(true)"), unique=True,
               postgresql_where=text("status = 'active'")),
+        # The rollback target: only the space the last switch retired is written beside the active one.
+        Index("uq_embedding_models_one_retired", text("(true)"), unique=True,
+              postgresql_where=text("status = 'retired'")),
     )
 
     id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)

@@ -179,7 +179,8 @@ def stalled_job(session: Session, stale_seconds: float) -> uuid.UUID | None:
 
 
 def progress(session: Session) -> dict[str, object]:
-    """The open re-index job (or the latest one) with its rate and time left, and the spaces."""
+    """The open re-index job (or the latest one) with its rate and time left, the active space and the spaces a
+    rollback can reach."""
     job = (
         session.execute(
             text("""
@@ -198,6 +199,8 @@ def progress(session: Session) -> dict[str, object]:
     active = spaces.active(session)
     out: dict[str, object] = {
         "active_space": {"id": active.id, "name": active.name, "fingerprint": active.fingerprint} if active else None,
+        # The spaces `pgsage reindex --rollback` can reach now: the one the last switch retired, or none.
+        "rollback_targets": spaces.rollback_targets(session),
         "job": None,
     }
     if job is None:

@@ -159,27 +159,36 @@ def build_index(session: Session, space: EmbeddingModel, graph: HnswGraph) -> No
 
 def live(session: Session) -> list[EmbeddingModel]:
     """Spaces that new documents must be written to: the active one, the target of an open re-index, and the
-    space a rollback would restore (the last one retired, until it is dropped), so that after a rollback
-    every document written since the switch is there too."""
+    rollback target (the space the last switch retired, until it is dropped), so that after a rollback every
+    document written since the switch is there too."""
     building = select(ReindexJob.target_model_id).where(ReindexJob.status.in_(("pending", "running")))
-    rollback_target = (
-        select(EmbeddingModel.id)
-        .where(EmbeddingModel.status == "retired")
-        .order_by(EmbeddingModel.retired_at.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
     return list(
         session.execute(
             select(EmbeddingModel)
-            .where(
-                (EmbeddingModel.status == "active")
-                | EmbeddingModel.id.in_(building)
-                | (EmbeddingModel.id == rollback_target)
-            )
+            .where(EmbeddingModel.status.in_(("active", "retired")) | EmbeddingModel.id.in_(building))
             .order_by(EmbeddingModel.id)
         ).scalars()
     )
+
+
+def rollback_target(session: Session) -> EmbeddingModel | None:
+    """The one space a rollback can reach: the space the last switch retired, written beside the active one ever
+    since (a unique index keeps one space retired at a time; a switch supersedes the one before)."""
+    return session.execute(select(EmbeddingModel).where(EmbeddingModel.status == "retired")).scalar_one_or_none()
+
+
+def rollback_targets(session: Session) -> list[dict[str, object]]:
+    """What a client is shown of the spaces a rollback can reach (none, or the rollback target)."""
+    space = rollback_target(session)
+    if space is None:
+        return []
+    return [{"id": space.id, "name": space.name, "fingerprint": space.fingerprint, "retired_at": space.retired_at}]
+
+
+def supersede_retired(session: Session) -> None:
+    """A switch retires the active space: the one it retired before stops receiving writes, so it stops being a
+    rollback target too (it is kept until its retention ends, and dropped like any retired space)."""
+    session.execute(text("UPDATE embedding_models SET status = 'superseded' WHERE status = 'retired'"))
 
 
 def by_id(session: Session, space_id: int) -> EmbeddingModel:

@@ -23,7 +23,8 @@ RETIRE_BATCH = 5000
 
 
 def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) -> bool:
-    """Atomically: the old space becomes retired (kept for rollback), the new one active, the job done.
+    """Atomically: the old space becomes retired (kept for rollback), the new one active, the job done; a space
+    retired by an earlier switch is superseded (see spaces.supersede_retired).
 
     Returns False, switching nothing, if the job was cancelled meanwhile (it is no longer running).
     """
@@ -39,6 +40,9 @@ def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) 
     if not finished.rowcount:  # type: ignore[attr-defined]
         log.warning("re-index %s was stopped before its switch; the active space is unchanged", job_id)
         return False
+    # The space retired before stops receiving writes now (ingestion writes the active space and one retired):
+    # it is no rollback target from here on, so no rollback can land where recent documents are missing.
+    spaces.supersede_retired(session)
     session.execute(
         text("UPDATE embedding_models SET status = 'retired', retired_at = now() WHERE id = :s AND status = 'active'"),
         {"s": source_id},
@@ -52,26 +56,30 @@ def switch(session: Session, job_id: uuid.UUID, source_id: int, target_id: int) 
 
 
 def rollback(session: Session) -> tuple[int, int]:
-    """Make the most recently retired space active again; the current one is marked rolled back."""
+    """Make the rollback target (the space the last switch retired) active again; the current one is marked
+    rolled back. Only that space is reachable: it alone has been written beside the active one since the switch
+    (spaces.live), so it holds every document. Once rolled back to, no space is left to roll back to again."""
     session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLAN_LOCK})
     spaces.hold_writes(session)  # a write in flight finishes first; the next ones see the new spaces
     if session.execute(text("SELECT 1 FROM reindex_jobs WHERE status IN ('pending', 'running')")).first():
         raise Conflict("a re-index is running: cancel it first")
-    previous = session.execute(
-        text("SELECT id FROM embedding_models WHERE status = 'retired' ORDER BY retired_at DESC LIMIT 1")
-    ).scalar()
+    previous = spaces.rollback_target(session)
     if previous is None:
-        raise Conflict("there is no previous embedding space to roll back to (it may have been dropped)")
+        raise Conflict(
+            "there is no previous embedding space to roll back to: only the space the last switch retired is kept "
+            "up to date for a rollback, and it was rolled back to already or dropped (an earlier space missed the "
+            "documents written since; `pgsage reindex --model NAME` builds it again)"
+        )
     current = session.execute(text("SELECT id FROM embedding_models WHERE status = 'active'")).scalar_one()
     session.execute(
         text("UPDATE embedding_models SET status = 'rolled_back', retired_at = now() WHERE id = :c"), {"c": current}
     )
     session.execute(
         text("UPDATE embedding_models SET status = 'active', activated_at = now(), retired_at = NULL WHERE id = :p"),
-        {"p": previous},
+        {"p": previous.id},
     )
-    log.warning("rolled back the active embedding space %s -> %s", current, previous)
-    return int(current), int(previous)
+    log.warning("rolled back the active embedding space %s -> %s", current, previous.id)
+    return int(current), int(previous.id)
 
 
 def retire_expired(engine: Engine, retention_hours: float, *, batch: int = RETIRE_BATCH) -> list[int]:

@@ -13,6 +13,7 @@ from app.api.deps import ResourcesDep, SessionDep
 from app.api.schemas import V1_ERRORS, KeyCreated, KeyIn, KeyOut, ReindexIn, error_responses
 from app.errors import Conflict, NotFound
 from app.reindex import plan as planning
+from app.reindex import spaces
 from app.reindex.switch import rollback
 
 router = APIRouter(
@@ -52,10 +53,11 @@ def cancel_reindex(session: SessionDep) -> dict[str, Any]:
     return {"cancelled": job_id}
 
 
-@router.post("/reindex/rollback", summary="Switch back to the previous embedding space while it exists")
+@router.post("/reindex/rollback", summary="Switch back to the space the last switch retired, while it is kept")
 def rollback_reindex(session: SessionDep) -> dict[str, Any]:
+    """The reply names the spaces a further rollback can reach (none: only the last retired space is kept whole)."""
     current, previous = rollback(session)
-    return {"from_space": current, "to_space": previous}
+    return {"from_space": current, "to_space": previous, "rollback_targets": spaces.rollback_targets(session)}
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, summary="Create an API key (shown once)")
