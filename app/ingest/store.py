@@ -56,16 +56,31 @@ class UpsertResult:
     unchanged: int
 
 
+# The title of a document's latest version: a queued version's own (pending) until its chunks are written.
+_EFFECTIVE_TITLE = "CASE WHEN d.pending IS NULL THEN d.title ELSE d.pending->>'title' END"
+
+
 def upsert_documents(
     session: Session, collection: int, docs: Sequence[LoadedDocument], job_id: uuid.UUID
 ) -> UpsertResult:
     """Insert new documents, requeue changed (or failed) ones, and leave identical ones alone.
 
-    Identity is (collection, external id); the content hash decides whether there is work to do.
-    One statement for the whole batch, so a 5,000-line JSONL upload is one round trip.
+    Identity is (collection, external id); the content hash decides whether there is work to do. The title is
+    part of every chunk's heading path, so a new title is work too; new metadata or source alone is not (applied
+    at once: the chunks do not depend on them).
+
+    A document with an indexed version keeps that version's title, source and metadata while a new one waits for
+    the worker: the new ones wait in `pending` and switch with its chunks, in the transaction that writes them
+    (write_documents), so a search never shows old text under new metadata, nor the reverse, and a version that
+    fails leaves the old one whole. The latest request's values win. One statement for the whole batch, so a
+    5,000-line JSONL upload is one round trip.
     """
+    # Whether the stored row is (or stays) queued after this request, and whether it has an indexed version.
+    requeue = ("(d.content_hash <> EXCLUDED.content_hash OR d.status = 'failed' "
+               f"OR {_EFFECTIVE_TITLE} IS DISTINCT FROM EXCLUDED.title)")
+    defer = f"(d.indexed_at IS NOT NULL AND ({requeue} OR d.status = 'queued'))"
     rows = session.execute(
-        text("""
+        text(f"""
         WITH incoming AS (
             SELECT * FROM unnest(CAST(:ext AS text[]), CAST(:title AS text[]), CAST(:source AS text[]),
                                  CAST(:meta AS jsonb[]), CAST(:content AS text[]), CAST(:hash AS text[]),
@@ -78,19 +93,19 @@ def upsert_documents(
                    'queued'
             FROM incoming
             ON CONFLICT (collection_id, external_id) DO UPDATE
-               SET title = EXCLUDED.title, source = EXCLUDED.source, metadata = EXCLUDED.metadata,
+               SET title = CASE WHEN {defer} THEN d.title ELSE EXCLUDED.title END,
+                   source = CASE WHEN {defer} THEN d.source ELSE EXCLUDED.source END,
+                   metadata = CASE WHEN {defer} THEN d.metadata ELSE EXCLUDED.metadata END,
+                   pending = CASE WHEN {defer} THEN jsonb_build_object('title', EXCLUDED.title,
+                                       'source', EXCLUDED.source, 'metadata', EXCLUDED.metadata) END,
                    format = CASE WHEN d.content_hash = EXCLUDED.content_hash THEN d.format ELSE EXCLUDED.format END,
                    content = CASE WHEN d.content_hash = EXCLUDED.content_hash THEN d.content
                                   ELSE EXCLUDED.content END,
                    content_hash = EXCLUDED.content_hash,
-                   status = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
-                                 THEN d.status ELSE 'queued' END,
-                   error = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
-                                THEN d.error END,
-                   attempts = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
-                                   THEN d.attempts ELSE 0 END,
-                   claimed_at = CASE WHEN d.content_hash = EXCLUDED.content_hash AND d.status <> 'failed'
-                                     THEN d.claimed_at END,
+                   status = CASE WHEN {requeue} THEN 'queued' ELSE d.status END,
+                   error = CASE WHEN {requeue} THEN NULL ELSE d.error END,
+                   attempts = CASE WHEN {requeue} THEN 0 ELSE d.attempts END,
+                   claimed_at = CASE WHEN {requeue} THEN NULL ELSE d.claimed_at END,
                    updated_at = now()
             RETURNING d.id, d.status, d.content_hash
         )
@@ -133,11 +148,11 @@ class PendingDocument:
 
 
 def pending_documents(session: Session, ids: Sequence[uuid.UUID]) -> list[PendingDocument]:
-    """The documents among ids that still wait for chunks and vectors."""
+    """The documents among ids that still wait for chunks and vectors (under the title they are to have)."""
     rows = session.execute(
         text(
-            "SELECT id, collection_id, content, content_hash, attempts, title, format FROM documents "
-            "WHERE id = ANY(:ids) AND status = 'queued'"
+            f"SELECT id, collection_id, content, content_hash, attempts, {_EFFECTIVE_TITLE} AS title, format "
+            "FROM documents d WHERE id = ANY(:ids) AND status = 'queued'"
         ),
         {"ids": list(ids)},
     ).all()
@@ -225,7 +240,8 @@ class DocumentWrite:
 
 def write_documents(session: Session, writes: Sequence[DocumentWrite]) -> dict[uuid.UUID, bool]:
     """Replace documents' chunks, vectors and postings in the caller's transaction, a statement per kind of row
-    for all of them; per document, False if it changed meanwhile (nothing of it is written).
+    for all of them, and switch each to the title, source and metadata its version was sent with; per document,
+    False if it changed meanwhile (its text or title: nothing of it is written).
 
     Writing a group at once pays the per-statement work (round trips, the statistics triggers, the commit)
     once per group instead of once per document (measured on the scale benchmark's store path, BENCHMARKS.md).
@@ -234,11 +250,13 @@ def write_documents(session: Session, writes: Sequence[DocumentWrite]) -> dict[u
     """
     if not writes:
         return {}
-    current: dict[uuid.UUID, str] = {r.id: r.content_hash for r in session.execute(
-        text("SELECT id, content_hash FROM documents WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
+    current: dict[uuid.UUID, tuple[str, str | None]] = {r.id: (r.content_hash, r.title) for r in session.execute(
+        text(f"SELECT id, content_hash, {_EFFECTIVE_TITLE} AS title FROM documents d WHERE id = ANY(:ids) "
+             "ORDER BY id FOR UPDATE"),
         {"ids": sorted({w.doc.id for w in writes})},
     )}
-    live = [w for w in writes if current.get(w.doc.id) == w.doc.content_hash]
+    # The chunks carry the title in their heading path: a title sent since they were made makes them stale too.
+    live = [w for w in writes if current.get(w.doc.id) == (w.doc.content_hash, w.doc.title)]
     written = {w.doc.id: False for w in writes} | {w.doc.id: True for w in live}
     if not live:
         return written
@@ -260,7 +278,12 @@ def write_documents(session: Session, writes: Sequence[DocumentWrite]) -> dict[u
     session.execute(
         text("""
         UPDATE documents d SET status = 'indexed', error = NULL, chunk_count = t.n, lexical_length = t.len,
-               indexed_at = now(), updated_at = now()
+               indexed_at = now(), updated_at = now(),
+               -- the version's own title, source and metadata switch with its chunks (see upsert_documents)
+               title = CASE WHEN d.pending IS NULL THEN d.title ELSE d.pending->>'title' END,
+               source = CASE WHEN d.pending IS NULL THEN d.source ELSE d.pending->>'source' END,
+               metadata = CASE WHEN d.pending IS NULL THEN d.metadata ELSE d.pending->'metadata' END,
+               pending = NULL
           FROM unnest(CAST(:ids AS uuid[]), CAST(:n AS integer[]), CAST(:len AS integer[])) AS t(id, n, len)
          WHERE d.id = t.id
         """),
@@ -413,7 +436,8 @@ def _document_vector(matrix: np.ndarray) -> str:
 
 
 def mark_failed(session: Session, doc_id: uuid.UUID, error: str, content_hash: str | None = None) -> None:
-    """Record why a document could not be indexed; its previous chunks, if any, stay searchable.
+    """Record why a document could not be indexed; its previous chunks, if any, stay searchable under their own
+    title and metadata (the failed version's stay pending, replaced by the next one sent).
 
     With content_hash, only that version fails: a newer version sent meanwhile stays queued, and so does
     its job item."""

@@ -45,6 +45,9 @@ class Document(Timestamps, Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
+    # The title, source and metadata ({"title", "source", "metadata"}) of a version queued while an older one is
+    # indexed: they replace the columns above in the transaction that writes its chunks (NULL: nothing pending).
+    pending: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     content: Mapped[str] = mapped_column(Text)
     # How the chunker reads the content: text, markdown (HTML is stored as Markdown) or pdf.
     format: Mapped[str] = mapped_column(Text, server_default="text")

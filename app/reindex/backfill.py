@@ -119,21 +119,26 @@ def write_batch(
         copy.set_types(["bigint", "vector"])
         for cid, vec in zip(batch.ids, vectors.chunks, strict=True):
             copy.write_row((cid, vec))
+    # The chunks and documents are locked as they are read (what the foreign-key checks would lock anyway): a
+    # delete or replace that removed them and commits while this waits on their rows drops them from the insert
+    # (the rows are read again once the lock is granted, and a deleted one is skipped), where the foreign-key
+    # check found them gone and failed the batch, and with it the re-index.
     result = session.execute(
         text("""
         INSERT INTO chunk_vectors (chunk_id, model_id, document_id, collection_id, embedding)
         SELECT b.chunk_id, :t, c.document_id, d.collection_id, b.embedding
           FROM reindex_batch b JOIN chunks c ON c.id = b.chunk_id JOIN documents d ON d.id = c.document_id
+           FOR KEY SHARE OF c, d
         ON CONFLICT (chunk_id, model_id) DO NOTHING
         """),
         {"t": target_id},
     )
     added = int(result.rowcount or 0)  # type: ignore[attr-defined]
     # Sentence vectors of chunks that still exist and have none in the space yet (a batch redone after a
-    # crash wrote them with its chunk vectors, in the same transaction).
+    # crash wrote them with its chunk vectors, in the same transaction); locked, as above, until the commit.
     present = session.execute(
         text("SELECT c.id FROM chunks c WHERE c.id = ANY(:ids) AND NOT EXISTS "
-             "(SELECT 1 FROM sentence_vectors s WHERE s.chunk_id = c.id AND s.model_id = :t)"),
+             "(SELECT 1 FROM sentence_vectors s WHERE s.chunk_id = c.id AND s.model_id = :t) FOR KEY SHARE OF c"),
         {"ids": batch.ids, "t": target_id},
     ).scalars().all()
     keep = set(present)
@@ -159,12 +164,17 @@ def write_batch(
 
 
 def write_document_vectors(session: Session, target_id: int, dimension: int) -> None:
-    """Each document's single vector in the target space: the normalised mean of its chunk vectors."""
+    """Each document's single vector in the target space: the normalised mean of its chunk vectors.
+
+    Each document is locked as it is read (see write_batch): one deleted meanwhile is skipped, not a failure."""
     session.execute(
         text(f"""
         INSERT INTO document_vectors (document_id, model_id, embedding)
-        SELECT document_id, :t, l2_normalize(avg(embedding::vector({int(dimension)})))
-          FROM chunk_vectors WHERE model_id = :t GROUP BY document_id
+        SELECT d.id, :t, g.embedding
+          FROM (SELECT document_id, l2_normalize(avg(embedding::vector({int(dimension)}))) AS embedding
+                  FROM chunk_vectors WHERE model_id = :t GROUP BY document_id) g
+          JOIN documents d ON d.id = g.document_id
+           FOR KEY SHARE OF d
         ON CONFLICT (document_id, model_id) DO UPDATE SET embedding = EXCLUDED.embedding
         """),
         {"t": target_id},
