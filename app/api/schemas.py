@@ -89,6 +89,7 @@ Positive = Annotated[int, Field(ge=1), BeforeValidator(_json_int)]
 UpTo50 = Annotated[int, Field(ge=1, le=50), BeforeValidator(_json_int)]
 UpTo100 = Annotated[int, Field(ge=1, le=100), BeforeValidator(_json_int)]
 UpTo1000 = Annotated[int, Field(ge=1, le=1000), BeforeValidator(_json_int)]
+Depth = Annotated[int, Field(ge=0, le=1_000_000), BeforeValidator(_json_int)]
 
 
 def _schema(pattern: str | None = None, **settings_limits: str) -> Any:
@@ -222,8 +223,8 @@ class RetrievalIn(_In):
     )
     bm25_k1: float | None = Field(default=None, ge=0, le=10)
     bm25_b: float | None = Field(default=None, ge=0, le=1)
-    lexical_depth: int | None = Field(
-        default=None, ge=0, le=1_000_000,
+    lexical_depth: Depth | None = Field(
+        default=None,
         description="Passage lexical leg: postings read per query term, best first (0: all of them).",
     )
     rerank_depth: UpTo1000 | None = Field(default=None, description="Candidates the reranker reads.")
