@@ -51,10 +51,14 @@ class Settings(BaseSettings):
 
     # Ingestion.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
-    # Untrusted HTML and PDF are parsed in a child process within these (what exceeds them is a 413).
+    # Every upload (and a document sent as JSON) is parsed in a child process within these (a 413 beyond them).
     parse_memory_mb: int = Field(default=768, ge=64)
     parse_seconds: float = Field(default=60.0, gt=0)
     pdf_max_pages: int = Field(default=5000, ge=1)
+    # The text one upload may yield, and per byte of it: beyond either, a 413 naming the setting before anything
+    # is stored (a 125 KB DOCX can hold 60 million characters; a CSV repeats its column names in every record).
+    max_document_chars: int = Field(default=20_000_000, ge=1000)
+    max_expansion_ratio: float = Field(default=100.0, gt=0)
     # What extracts a PDF's text: pdfium (pypdfium2), pypdf or pdfplumber (pdfminer.six, tables as rows).
     # Chosen by measurement on real filings (BENCHMARKS.md, PDF libraries): pdfium is 20x faster than pypdf and
     # keeps a table's row on one line.

@@ -6,6 +6,7 @@ counts are what the test expects: nothing was dropped, nothing matched that shou
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -127,3 +128,214 @@ def test_hostile_keys_are_just_wrong(anonymous: TestClient, engine: Engine, key:
     r = anonymous.get("/v1/status", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 401, r.text
     assert _intact(engine) == before
+
+
+# --- Issue 27: text that makes a parser's time grow faster than its size ---------------------------------
+#
+# A 60 KB JSON body of spaces froze the whole API for 5 s (a pattern in the loader's clean-up rescanned a run of
+# blanks from each of its characters), a 9 KB Markdown first line took 65 s (the title pattern), a 6 KB heading
+# line held a worker for 18 s (the chunker's heading pattern). Each text-handling function now takes every
+# adversarial input below, at the upload limit, in seconds, and the API answers other clients meanwhile. The
+# time guards are generous hang guards: the defects take minutes to hours at this size.
+
+def _adversarial(n: int) -> dict[str, str]:
+    """Texts of about n characters that make super-linear code show itself: long runs of one character, of
+    blanks, of Markdown and HTML markup, unclosed constructs, one long line."""
+    k = n // 3
+    return {
+        "spaces": " " * n + "x",
+        "tabs": "\t" * n + "x",
+        "blank-line-ends": ("x" + " " * 1000 + "\n") * (n // 1002),
+        "newlines": "\n" * n,
+        "newline-spaces": "\n " * (n // 2),
+        "title-line": "# a" + " " * k + "#" * k + " " * k + "x",
+        "late-heading": "# Title\n\nAn innocent first section.\n\n## a" + " " * k + "#" * k + " " * k + "x",
+        "hashes": "#" * n,
+        "heading-of-spaces": "#" + " " * n + "x",
+        "stars": "*" * n,
+        "underscores": "_" * n,
+        "nested-emphasis": "*_" * (n // 2) + "x",
+        "open-brackets": "[" * n,
+        "open-link": "[a](" * (n // 4),
+        "bracket-word": "[" + "a" * n,
+        "pipes": "|" * n,
+        "rule-of-dashes": "- " * (n // 2) + "x",
+        "equals": "=" * n,
+        "fences": "```\n" * (n // 4),
+        "unclosed-tags": "<div>" * (n // 5),
+        "nested-lists": "<ul><li>" * (n // 8),
+        "angles": "<" * n,
+        "long-line": "a" * n,
+        "one-line-of-words": "word " * (n // 5),
+        "hyphens": "a-" * (n // 2),
+        "full-stops": "." * n,
+        "abbreviations": "Dr. " * (n // 4),
+        "initials": "A. " * (n // 3),
+        "open-citations": "[1, " * (n // 4),
+        "commas": "," * n,
+        "quotes": '"' * n,
+        "long-header-csv": "h" * 5000 + "\n" + "1\n" * (n // 2),
+    }
+
+
+# The upload limit of the API these are sent to (the parsing_api fixture) and their size: large enough that the
+# quadratic defects take minutes (20k spaces took 0.45 s), small enough for the default run. The slow run sends
+# the same at 2 MiB.
+LIMIT_BYTES = 256 << 10
+FORMATS = ["t.txt", "t.md", "t.html", "t.csv", "t.jsonl"]
+
+
+def _as(name: str, text: str) -> bytes:
+    if name.endswith(".jsonl"):  # escaped control characters take up to six bytes each
+        return json.dumps({"_id": "1", "title": text[:5000], "text": text[: len(text) // 6]}).encode()
+    return text.encode()
+
+
+@pytest.fixture(scope="module")
+def chunker() -> Any:
+    from transformers import AutoTokenizer
+
+    from app.embedding import resolve_model_path
+    from app.ingest.chunk import Chunker
+
+    s = Settings()
+    return Chunker(AutoTokenizer.from_pretrained(resolve_model_path(s.embedding_model)), 254, 32)
+
+
+def _parse_everything(sample: str, limit: int, chunker: Any) -> None:
+    """Each format's loader (in-process: no sandbox to hide behind) and the JSON body's, the worker's chunker on
+    what each yields, the answerer's citation scan and the lexical query on the raw text: each finishes, or
+    refuses with a 4xx."""
+    from app.errors import AppError
+    from app.ingest.load import load_json, load_upload
+    from app.query.answer import CitationStream, resolve_citations
+    from app.query.retrieve import lexical_query
+
+    def loaded_or_refused(load: Any, *args: Any) -> list[Any]:
+        refused: AppError | None = None
+        try:
+            docs = load(*args)
+        except AppError as exc:
+            refused = exc
+        if refused is not None:
+            assert 400 <= refused.status_code < 500, refused
+            return []
+        return docs if isinstance(docs, list) else [docs]
+
+    loaded = [doc for name in FORMATS for doc in loaded_or_refused(load_upload, name, None, _as(name, sample), limit)]
+    loaded += loaded_or_refused(load_json, sample, sample[:1000], None, None)
+    seen = set()
+    for doc in loaded:
+        assert doc.title is None or len(doc.title) <= 1000
+        if (doc.content, doc.format) in seen:
+            continue
+        seen.add((doc.content, doc.format))
+        for chunk in chunker.split(doc.content, kind=doc.format, title=doc.title):
+            assert chunk.text
+            assert all(len(h) <= 300 for h in chunk.heading_path)
+    resolve_citations(sample, 3)
+    stream = CitationStream(3)
+    for i in range(0, len(sample), 4096):
+        stream.feed(sample[i : i + 4096])
+    stream.close()
+    lexical_query(sample)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pattern", list(_adversarial(0)))
+def test_every_loader_and_the_chunker_take_adversarial_text_in_linear_time(pattern: str, chunker: Any) -> None:
+    _parse_everything(_adversarial(LIMIT_BYTES - 1024)[pattern], LIMIT_BYTES, chunker)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_adversarial_text_at_two_mebibytes(chunker: Any) -> None:
+    for sample in _adversarial((2 << 20) - 1024).values():
+        _parse_everything(sample, 2 << 20, chunker)
+
+
+def test_the_heading_scan_reads_headings_as_the_pattern_did() -> None:
+    """atx_heading replaced a pattern that backtracked cubically; on short lines it gives what the pattern gave."""
+    import itertools
+    import re
+
+    from app.ingest.chunk import atx_heading
+
+    pattern = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
+    for size in range(9):
+        for chars in itertools.product(" #\ta", repeat=size):
+            line = "".join(chars)
+            m = pattern.match(line)
+            assert atx_heading(line) == ((len(m.group(1)), m.group(2)) if m else None), repr(line)
+
+
+@pytest.fixture(scope="module")
+def parsing_api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    from tests.fixtures.services import scratch_api
+
+    with scratch_api(service_env, tmp_path_factory.mktemp("hostile") / "api.log", "write",
+                     PGSAGE_MAX_UPLOAD_BYTES=str(LIMIT_BYTES)) as (base, key):
+        yield base, key
+
+
+@pytest.mark.timeout(900)
+def test_other_clients_are_answered_while_adversarial_uploads_parse(parsing_api: tuple[str, str]) -> None:
+    """Every adversarial text, in every format and as a JSON body, sent to a real API process at the upload limit
+    from two clients at once, while a third asks /healthz: every upload is answered (202, or a 4xx naming what
+    is wrong), never a 5xx, and /healthz answers every time within seconds."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    base, key = parsing_api
+    auth = {"Authorization": f"Bearer {key}"}
+    adversarial = _adversarial(LIMIT_BYTES - 1024)
+    health: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def ask_health() -> None:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                status = c.get("/healthz").status_code
+                health.append((status, time.monotonic() - t0))
+                time.sleep(0.1)
+
+    def send(item: tuple[str, str]) -> tuple[str, int, str]:
+        pattern, name = item
+        sample = adversarial[pattern]
+        with httpx.Client(base_url=base, headers=auth, timeout=300) as c:
+            if name == "json":
+                r = c.post("/v1/documents", json={"text": sample, "collection": "hostile"})
+            else:
+                r = c.post("/v1/documents", files={"file": (name, _as(name, sample))},
+                           data={"collection": "hostile"})
+        return f"{pattern} as {name}", r.status_code, r.text[:300]
+
+    watcher = threading.Thread(target=ask_health)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(send, [(p, n) for p in adversarial for n in [*FORMATS, "json"]]))
+    finally:
+        stop.set()
+        watcher.join()
+    for what, status, body in answers:
+        assert status == 202 or 400 <= status < 500, (what, status, body)
+    assert len(health) >= 10, health
+    assert all(status == 200 for status, _ in health), health
+    slowest = max(seconds for _, seconds in health)
+    assert slowest < 10, f"/healthz waited {slowest:.1f} s behind the uploads"
+
+
+def test_a_hostile_heading_after_an_innocent_one_does_not_hold_the_worker(client: TestClient, worker: Any) -> None:
+    """The API reads only the first heading for the title; the worker's chunker reads them all. A later heading
+    line built to backtrack (6 KB held a worker 18 s; this one is 300 KB) is indexed like any other."""
+    k = 100_000
+    text = "# Tides\n\nThe tide rises twice a day.\n\n## a" + " " * k + "#" * k + " " * k + "x\n\nLow water."
+    r = upload(client, "tides.md", text.encode(), f"hostile-md-{uuid.uuid4().hex[:8]}")
+    assert r.status_code == 202, r.text
+    job = wait_for_job(client, r.json()["job_id"], timeout=120)
+    assert job["state"] == "succeeded", job

@@ -113,3 +113,127 @@ def test_bombs_are_refused_while_the_api_stays_small_and_answers(api: tuple[ApiP
     assert peak < GiB, f"the API's resident memory peaked at {peak / GiB:.2f} GiB"
     assert len(answered) >= 5, answered
     assert all(status == 200 for status, _ in answered), answered
+
+
+# --- Issue 27: packages and streams that inflate to far more text than the upload's size --------------------
+#
+# A 125 KB DOCX of 100 paragraphs of "lorem " * 100000 became a 60-million-character document: the sandbox capped
+# the parse's memory, but the API took whatever text came back, 480 times the upload, and a worker spent hours on
+# it. The text an upload yields is now capped (PGSAGE_MAX_DOCUMENT_CHARS, PGSAGE_MAX_EXPANSION_RATIO characters a
+# byte), and the loaders stop at the block that crosses the cap.
+
+LOREM = "lorem ipsum dolor sit amet " * 20_000  # 540,000 characters, a few hundred bytes deflated
+
+
+def docx_bomb() -> bytes:
+    import io
+
+    from docx import Document
+
+    doc = Document()
+    for _ in range(20):
+        doc.add_paragraph(LOREM)
+    out = io.BytesIO()
+    doc.save(out)
+    return out.getvalue()
+
+
+def pptx_bomb() -> bytes:
+    import io
+
+    from pptx import Presentation
+    from pptx.util import Inches
+
+    deck = Presentation()
+    for _ in range(20):
+        slide = deck.slides.add_slide(deck.slide_layouts[6])  # blank
+        slide.shapes.add_textbox(Inches(1), Inches(1), Inches(4), Inches(1)).text_frame.text = LOREM
+    out = io.BytesIO()
+    deck.save(out)
+    return out.getvalue()
+
+
+def xlsx_bomb() -> bytes:
+    """One long string stored once (shared strings) and used in every row."""
+    import io
+
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sheet = book.active
+    sheet.append(["notes"])
+    cell = LOREM[:4000]
+    for _ in range(10_000):
+        sheet.append([cell])
+    out = io.BytesIO()
+    book.save(out)
+    return out.getvalue()
+
+
+def pdf_text_bomb(pages: int = 20) -> bytes:
+    """A valid PDF whose pages' content streams (FlateDecode) each show about 540,000 characters of text."""
+    # A thousand lines of 540 characters at font size 1 on a large page (text off the page, or drawn over other
+    # text, is not read).
+    line = b"(" + b"lorem ipsum dolor sit amet " * 20 + b") ' "
+    stream = zlib.compress(b"BT /F1 1 Tf 10 14000 Td 1.5 TL " + line * 1000 + b"ET", 9)
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(pages))
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for i in range(pages):
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 14400 14400] /Contents {5 + 2 * i} 0 R "
+                       "/Resources << /Font << /F1 3 0 R >> >> >>".encode())
+        objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = b"%PDF-1.7\n"
+    offsets = []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return out
+
+
+def test_expansion_bombs_are_refused_naming_the_limit_and_never_queued(api: tuple[ApiProcess, str]) -> None:
+    base, key = api
+    bombs = {"bomb.docx": docx_bomb(), "bomb.pptx": pptx_bomb(), "bomb.xlsx": xlsx_bomb(), "bomb.pdf": pdf_text_bomb()}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
+        for name, data in bombs.items():
+            assert len(data) < 512 << 10, (name, len(data))  # well inside the upload limit
+            r = client.post("/v1/documents", files={"file": (name, data)}, data={"collection": "inflated"})
+            assert r.status_code == 413, (name, r.status_code, r.text)
+            assert "PGSAGE_MAX_EXPANSION_RATIO" in r.json()["detail"], (name, r.text)
+        # Nothing was stored, so nothing was sent to a worker: the collection was never even made.
+        assert "inflated" not in {c["name"] for c in client.get("/v1/collections").json()}
+        assert client.get("/v1/jobs", params={"collection": "inflated"}).status_code == 404
+        # The same loaders take an honest file of each kind.
+        r = client.post("/v1/documents", files={"file": ("fine.docx", _honest_docx())}, data={"collection": "inflated"})
+        assert r.status_code == 202, r.text
+
+
+def _honest_docx() -> bytes:
+    import io
+
+    from docx import Document
+
+    doc = Document()
+    doc.add_heading("Tides", level=1)
+    doc.add_paragraph("The tide rises twice a day.")
+    out = io.BytesIO()
+    doc.save(out)
+    return out.getvalue()
+
+
+def test_text_over_the_document_limit_is_refused_naming_it() -> None:
+    """PGSAGE_MAX_DOCUMENT_CHARS bounds every format, a JSON body's text too, whatever its size in bytes."""
+    from app.errors import TooLarge
+    from app.ingest.load import load_json, load_upload
+
+    text = "lorem " * 200_000
+    for name in ("a.txt", "a.md", "a.html", "a.csv"):
+        with pytest.raises(TooLarge, match="PGSAGE_MAX_DOCUMENT_CHARS"):
+            load_upload(name, None, text.encode(), 10 << 20, max_chars=1_000_000)
+    with pytest.raises(TooLarge, match="PGSAGE_MAX_DOCUMENT_CHARS"):
+        load_json(text, None, None, None, max_chars=1_000_000)
+    assert load_upload("a.txt", None, text.encode(), 10 << 20, max_chars=2_000_000)

@@ -39,13 +39,16 @@ _ABBREVIATION = re.compile(
 _NUMBERED = re.compile(r"(?:^|[\s(\[\"'])(?i:no|nos|fig|figs|vol|pp|p|eq|ref|sec)\.$")
 _INITIAL = re.compile(r"(?:^|\s)(?:[A-Z][\w'-]*|[A-Z]\.)\s+[A-Z]\.$")
 _LONE_INITIAL = re.compile(r"\s*[A-Z]\.")  # a sentence so far only an initial: "A. B. Smith wrote"
-_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
 _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])[ \t]+")
 _TABLE_ROW = re.compile(r"^ {0,3}\|")
-_RULE = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
-_MARKUP = re.compile(r"[*_`]+|\[([^\]]*)\]\([^)]*\)")
+_RULE = re.compile(r"^ {0,3}([-*_])(?:[ \t]*+\1){2,}+[ \t]*+$")
+# Emphasis and code marks, and links ([text](target)). Neither bracket part may hold its own opening bracket, so
+# a scan that fails stops at the next one: with [^\]]* a line of "[" was rescanned from each (quadratic).
+_MARKUP = re.compile(r"[*_`]+|\[([^\[\]\n]*)\]\([^()\n]*\)")
+# A heading's text beyond this is cut (a heading path is context, and its first words say what a section is).
+MAX_HEADING_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,28 @@ def _lines(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 
 def heading_text(raw: str) -> str:
-    """A heading as plain text: emphasis, code marks and link targets dropped."""
-    return " ".join(_MARKUP.sub(lambda m: m.group(1) or "", raw).split())
+    """A heading as plain text: emphasis, code marks and link targets dropped; at most MAX_HEADING_CHARS."""
+    text = " ".join(_MARKUP.sub(lambda m: m.group(1) or "", raw[: 4 * MAX_HEADING_CHARS]).split())
+    if len(text) <= MAX_HEADING_CHARS:
+        return text
+    cut = text[:MAX_HEADING_CHARS]
+    return cut.rsplit(" ", 1)[0] if " " in cut else cut
+
+
+def atx_heading(line: str) -> tuple[int, str] | None:
+    """(level, raw text) of a Markdown ATX heading line ("## Text ##"), or None.
+
+    String scanning, not the pattern `^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$` it replaces (same result): the
+    lazy group against the trailing blanks and hashes backtracked cubically, 18 s for a 6 KB line."""
+    body = line.lstrip(" ")
+    if len(line) - len(body) > 3:
+        return None
+    text = body.lstrip("#")
+    level = len(body) - len(text)
+    if not 1 <= level <= 6 or text[:1] not in (" ", "\t"):
+        return None
+    # The closing sequence: trailing blanks, hashes, blanks.
+    return level, text.strip(" \t").rstrip("#").rstrip(" \t")
 
 
 def markdown_blocks(text: str, title: str | None = None) -> list[Block]:
@@ -182,12 +205,12 @@ def markdown_blocks(text: str, title: str | None = None) -> list[Block]:
         if not line.strip():
             i += 1
             continue
-        atx = _ATX.match(line)
+        atx = atx_heading(line)
         if _RULE.match(line):
             i += 1
             continue
         if atx:
-            heading(len(atx.group(1)), atx.group(2))
+            heading(*atx)
             i += 1
             continue
         fence = _FENCE.match(line)
@@ -213,7 +236,7 @@ def markdown_blocks(text: str, title: str | None = None) -> list[Block]:
                         j += 1
                         continue
                 break
-            if _ATX.match(nxt) or _FENCE.match(nxt):
+            if atx_heading(nxt) or _FENCE.match(nxt):
                 break
             if kind == "paragraph" and _SETEXT.match(nxt) and j == i + 1:
                 # "Title\n=====" is a heading (level 1 with =, 2 with -).

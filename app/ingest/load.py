@@ -11,13 +11,14 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from app.errors import BadInput, TooLarge, UnsupportedMedia
+from app.errors import AppError, BadInput, TooLarge, UnsupportedMedia
 from app.ingest import office, sandbox
-from app.ingest.chunk import PAGE_BREAK
+from app.ingest.chunk import PAGE_BREAK, atx_heading
 from app.ingest.sandbox import Budget
 
 TEXT_KINDS = {
@@ -56,6 +57,9 @@ MAX_EXTERNAL_ID = 512
 MAX_TITLE = 1000
 MAX_JSON_DEPTH = 100
 MAX_PDF_PAGES = 5000
+# The text one upload may yield (the settings' defaults: PGSAGE_MAX_DOCUMENT_CHARS, PGSAGE_MAX_EXPANSION_RATIO).
+MAX_DOCUMENT_CHARS = 20_000_000
+MAX_EXPANSION_RATIO = 100.0
 
 
 @dataclass
@@ -70,6 +74,15 @@ class LoadedDocument:
     format: str = "text"
     # What the index will not hold of it, said to the uploader (not stored): e.g. a PDF's scanned pages.
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Whatever a loader found (a first heading of a megabyte, a PDF's Title field), a title is at most
+        # MAX_TITLE characters, cut at a word: the database's title terms (a tsvector) cannot hold an unbounded one.
+        title = (self.title or "").strip()
+        if len(title) > MAX_TITLE:
+            cut = title[:MAX_TITLE]
+            title = cut.rsplit(None, 1)[0] if len(cut.split(None, 1)) > 1 else cut
+        self.title = title or None
 
     @property
     def content(self) -> str:
@@ -155,7 +168,9 @@ def _decode(data: bytes, name: str) -> str:
 def _clean(text: str) -> str:
     # U+FEFF (a byte-order mark, or a zero-width no-break space) is no text: alone it made a chunk of no tokens.
     text = text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
-    text = re.sub(r"[ \t\f\v]+\n", "\n", text)
+    # Trailing blanks cut line by line: the pattern [ \t\f\v]+\n rescanned a run of blanks from each of its
+    # characters, so a megabyte of spaces took minutes (quadratic).
+    text = "\n".join(line.rstrip(" \t\f\v") for line in text.split("\n"))
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
 
@@ -178,8 +193,12 @@ def name_title(name: str) -> str:
 
 
 def _markdown_title(text: str) -> str | None:
-    m = re.search(r"^#\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
-    return m.group(1).strip() if m else None
+    """The first level-1 ATX heading's text, read as the chunker reads headings (linear in the line)."""
+    for line in text.split("\n"):
+        heading = atx_heading(line)
+        if heading and heading[0] == 1 and heading[1]:
+            return heading[1]
+    return None
 
 
 _HEADINGS = {f"h{n}": n for n in range(1, 7)}
@@ -204,11 +223,24 @@ def _html_markdown(root: Any) -> str:
         texts = [" ".join(c.get_text(" ").split()).replace("|", "\\|") for c in row.find_all(["th", "td"])]
         return "| " + " | ".join(texts) + " |"
 
+    def nested_lists(li: Tag) -> list[Tag]:
+        """The lists inside an item that belong to it, not to an item nested deeper (a walk that stops at every
+        deeper item: searching the item's whole subtree for each item was quadratic in the nesting)."""
+        found: list[Tag] = []
+        stack = list(reversed(li.contents))
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Tag) and node.name != "li":
+                if node.name in ("ul", "ol"):
+                    found.append(node)
+                stack.extend(reversed(node.contents))
+        return found
+
     def items(lst: Tag, depth: int) -> list[str]:
         out: list[str] = []
         for n, li in enumerate(lst.find_all("li", recursive=False), start=1):
             marker = f"{n}." if lst.name == "ol" else "-"
-            nested = [c for c in li.find_all(["ul", "ol"]) if c.find_parent("li") is li]
+            nested = nested_lists(li)
             for c in nested:
                 c.extract()
             text = " ".join(li.get_text(" ").split())
@@ -261,11 +293,31 @@ def _html_markdown(root: Any) -> str:
                 walk(child)
 
     try:
+        if _deeper_than(root, MAX_HTML_DEPTH):
+            raise RecursionError
         walk(root)
         flush()
     except RecursionError:  # absurdly deep nesting: plain text, one line a block
         return _clean("\n\n".join(" ".join(line.split()) for line in root.get_text("\n").split("\n")))
     return _clean("\n\n".join(blocks))
+
+
+# Elements nested deeper than this are read as plain text, not as structure: real pages nest a few dozen deep, and
+# the structural walk's work on a list grows with the depth it sits at.
+MAX_HTML_DEPTH = 256
+
+
+def _deeper_than(root: Any, limit: int) -> bool:
+    """Whether any element is nested more than limit deep under root (a walk with a stack, not recursion)."""
+    from bs4.element import Tag
+
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in node.contents if isinstance(child, Tag))
+    return False
 
 
 def _load_html(text: str) -> tuple[str | None, str]:
@@ -282,15 +334,22 @@ def _load_html(text: str) -> tuple[str | None, str]:
     return title or None, _html_markdown(soup)
 
 
-def _load_pdf(data: bytes, name: str, max_pages: int = 0, library: str = "pdfium") -> tuple[str | None, str,
-                                                                                            dict[str, Any]]:
+def _load_pdf(data: bytes, name: str, max_pages: int, library: str,
+              limit: TextLimit) -> tuple[str | None, str, dict[str, Any]]:
     if not data.lstrip().startswith(b"%PDF-"):
         raise BadInput(f"{name} is not a PDF (it does not start with %PDF-)")
     if library not in PDF_LIBRARIES:
         raise ValueError(f"unknown PDF library {library!r}; one of {', '.join(PDF_LIBRARIES)}")
     # An encrypted PDF with an empty user password (an owner password only restricts printing or copying, as many
     # published filings do) opens like any other with each library; one that needs a password to open is a 4xx.
-    raw, title = _PDF_PAGES[library](data, name, max_pages)
+    try:
+        raw, title = _PDF_PAGES[library](data, name, max_pages, _counter(limit.check))
+    except (AppError, MemoryError):
+        raise
+    except Exception as exc:
+        # A library's failure anywhere in its use (open, a page, close: pdfplumber raises from its `with` exit)
+        # on a malformed file is the file's fault: a 4xx, whatever the library calls it.
+        raise _unreadable(name, exc) from None
     pages = _tidy_pages([_clean(_plain(page)) for page in raw])
     title = _plain(title).strip() if title else None
     if title and not _READS_AS_TITLE.search(title):
@@ -306,6 +365,20 @@ def _load_pdf(data: bytes, name: str, max_pages: int = 0, library: str = "pdfium
     return title, text, meta
 
 
+def _counter(check: Callable[[int], None]) -> Callable[[str], str]:
+    """A pass-through for page texts that checks the text so far against the limit (a compressed stream can
+    inflate to gigabytes of text: the extraction stops at the page that crosses it)."""
+    total = 0
+
+    def count(page: str) -> str:
+        nonlocal total
+        total += len(page)
+        check(total)
+        return page
+
+    return count
+
+
 def _too_many_pages(name: str, pages: int, max_pages: int) -> None:
     if max_pages and pages > max_pages:
         raise TooLarge(f"{name} has {pages} pages, over the {max_pages}-page limit (PGSAGE_PDF_MAX_PAGES)")
@@ -319,30 +392,24 @@ def _unreadable(name: str, exc: BaseException) -> BadInput:
     return BadInput(f"{name} is a corrupt or unreadable PDF: {exc or type(exc).__name__}")
 
 
-# What a parser raises on a malformed file, beyond its own error types.
-_PARSER_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError,
-                  AssertionError, ZeroDivisionError)
-
-
-def _pages_pypdf(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+def _pages_pypdf(data: bytes, name: str, max_pages: int, count: Callable[[str], str]) -> tuple[list[str], str | None]:
     from pypdf import PdfReader
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+    from pypdf.errors import DependencyError, FileNotDecryptedError
 
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)  # decrypts AES through `cryptography`
         _too_many_pages(name, len(reader.pages), max_pages)
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = [count(page.extract_text() or "") for page in reader.pages]
         info = reader.metadata
         return pages, str(info.title) if info is not None and info.title else None
     except FileNotDecryptedError:
         raise _password_protected(name) from None
     except DependencyError as exc:  # an encryption this install cannot read: say which, not a 500
         raise BadInput(f"{name} uses an encryption pgsage cannot read: {exc}") from None
-    except (PyPdfError, *_PARSER_ERRORS) as exc:
-        raise _unreadable(name, exc) from None
 
 
-def _pages_pdfium(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+def _pages_pdfium(data: bytes, name: str, max_pages: int,
+                  count: Callable[[str], str]) -> tuple[list[str], str | None]:
     """PDFium (Chrome's PDF engine) through pypdfium2: decrypts natively, lines in the page's reading order."""
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
@@ -352,7 +419,7 @@ def _pages_pdfium(data: bytes, name: str, max_pages: int) -> tuple[list[str], st
     except pdfium.PdfiumError as exc:
         if getattr(exc, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
             raise _password_protected(name) from None
-        raise _unreadable(name, exc) from None
+        raise
     try:
         _too_many_pages(name, len(pdf), max_pages)
         pages = []
@@ -362,30 +429,27 @@ def _pages_pdfium(data: bytes, name: str, max_pages: int) -> tuple[list[str], st
             text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n")
             # PDFium gives a hyphen that ends a line as \x02 and joins the lines: put the line end back, and
             # _join_hyphens decides as for the other libraries.
-            pages.append(text.replace("\x02", "-\n"))
+            pages.append(count(text.replace("\x02", "-\n")))
             textpage.close()
             page.close()
         title = pdf.get_metadata_dict(skip_empty=True).get("Title")
         return pages, title
-    except (pdfium.PdfiumError, *_PARSER_ERRORS) as exc:
-        raise _unreadable(name, exc) from None
     finally:
         pdf.close()
 
 
-def _pages_pdfplumber(data: bytes, name: str, max_pages: int) -> tuple[list[str], str | None]:
+def _pages_pdfplumber(data: bytes, name: str, max_pages: int,
+                      count: Callable[[str], str]) -> tuple[list[str], str | None]:
     """pdfminer.six through pdfplumber, with its tables as rows: each table's rows, cells separated by " | ",
     put where the table stands among the page's lines (by its top edge)."""
     import pdfplumber
     from pdfminer.pdfdocument import PDFPasswordIncorrect
-    from pdfminer.pdfparser import PDFSyntaxError
-    from pdfminer.psparser import PSException
     from pdfplumber.utils.exceptions import PdfminerException
 
     try:
         with pdfplumber.open(io.BytesIO(data)) as pdf:
             _too_many_pages(name, len(pdf.pages), max_pages)
-            pages = [_plumbed_page(page) for page in pdf.pages]
+            pages = [count(_plumbed_page(page)) for page in pdf.pages]
             title = pdf.metadata.get("Title")
             return pages, title if isinstance(title, str) else None
     except PdfminerException as exc:
@@ -395,8 +459,6 @@ def _pages_pdfplumber(data: bytes, name: str, max_pages: int) -> tuple[list[str]
         raise _unreadable(name, cause) from None
     except PDFPasswordIncorrect:
         raise _password_protected(name) from None
-    except (PDFSyntaxError, PSException, *_PARSER_ERRORS) as exc:
-        raise _unreadable(name, exc) from None
 
 
 def _plumbed_page(page: Any) -> str:
@@ -473,7 +535,9 @@ def _join_hyphens(pages: list[str]) -> list[str]:
         head, tail = m.group(1), m.group(2)
         return head + tail if (head + tail).lower() in words else f"{head}-{tail}"
 
-    return [re.sub(r"([A-Za-z]+)-\n([a-z]+)", join, page) for page in pages]
+    # The look-behind starts a match only at a word's first letter: without it a long run of letters was rescanned
+    # from each of its letters (quadratic); a match could only ever start there anyway.
+    return [re.sub(r"(?<![A-Za-z])([A-Za-z]+)-\n([a-z]+)", join, page) for page in pages]
 
 
 def _is_running(line: str, page: int, repeated: set[str]) -> bool:
@@ -512,6 +576,18 @@ def check_external_id(value: Any, where: str) -> str | None:
     if not ext or len(ext) > MAX_EXTERNAL_ID or any(unicodedata.category(c) == "Cc" for c in ext):
         raise BadInput(f"{where}: id must be 1-{MAX_EXTERNAL_ID} printable characters")
     return ext
+
+
+def _file_name(filename: str | None) -> str:
+    """An upload's base name, which is its external id when no path is sent: printable, at most MAX_EXTERNAL_ID."""
+    name = PurePosixPath(filename or "upload").name or "upload"
+    shown = name[:100].encode("unicode_escape").decode("ascii")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise BadInput(f"the file name {shown!r} holds a control character, NUL or unpaired surrogate: send a "
+                       "printable name (or a 'path' field)")
+    if len(name) > MAX_EXTERNAL_ID:
+        raise BadInput(f"the file name {shown!r}... is over {MAX_EXTERNAL_ID} characters: send a shorter one")
+    return name
 
 
 def check_path(value: str) -> str:
@@ -566,7 +642,7 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
         docs.append(
             LoadedDocument(
                 ext,
-                (title or "").strip()[:MAX_TITLE] or None,
+                title,
                 _clean(body),
                 source=name,
                 metadata=_check_metadata(obj.get("metadata"), where),
@@ -587,49 +663,90 @@ def load_upload(
     budget: Budget | None = None,
     max_pages: int = MAX_PDF_PAGES,
     pdf_library: str = "pdfium",
+    max_chars: int = MAX_DOCUMENT_CHARS,
+    max_ratio: float = MAX_EXPANSION_RATIO,
 ) -> list[LoadedDocument]:
     """Parse one uploaded file into documents; raise a 4xx AppError on anything unusable.
 
-    With a budget, HTML and PDF (whose parsers' memory grows with what the file describes, not its size)
-    are parsed in a child process within it (see sandbox); the API passes one, tests may parse in-process."""
+    With a budget, every format is parsed in a child process within it (see sandbox): no parse, however
+    hostile the file, holds the API's threads or memory. The API passes one; tests may parse in-process."""
     # The base name is the id only when the client sends no path: documents stored before paths keep theirs.
-    name = external_id or PurePosixPath(filename or "upload").name or "upload"
+    name = external_id or _file_name(filename)
     if len(data) > max_bytes:
         raise TooLarge(f"{name} is larger than the {max_bytes}-byte upload limit")
     if not data.strip():
         raise BadInput(f"{name} is empty")
     kind = detect_kind(filename, content_type)
+    limit = TextLimit(name, len(data), max_chars, max_ratio)
+    args = (kind, data, name, max_pages, pdf_library, limit)
+    docs: list[LoadedDocument] = sandbox.run(_parse, args, budget, name) if budget else _parse(*args)
+    return docs
+
+
+@dataclass(frozen=True)
+class TextLimit:
+    """How much text an upload may yield: PGSAGE_MAX_DOCUMENT_CHARS, and PGSAGE_MAX_EXPANSION_RATIO times its
+    size (a zip package, a compressed PDF stream or a CSV of long column names can yield far more text than
+    it has bytes)."""
+
+    name: str
+    size: int
+    max_chars: int
+    max_ratio: float
+
+    @property
+    def chars(self) -> int:
+        return min(self.max_chars, max(int(self.size * self.max_ratio), 1))
+
+    def check(self, chars: int) -> None:
+        """A 413 naming the limit once the text yielded so far is over it."""
+        if chars <= self.chars:
+            return
+        if self.chars == self.max_chars:
+            raise TooLarge(f"{self.name} yields more than {self.max_chars:,} characters of text, the limit of one "
+                           "upload (PGSAGE_MAX_DOCUMENT_CHARS)")
+        raise TooLarge(f"{self.name} yields more than {self.chars:,} characters of text from {self.size:,} bytes, "
+                       f"over {self.max_ratio:g} characters a byte (PGSAGE_MAX_EXPANSION_RATIO)")
+
+
+def _parse(kind: str, data: bytes, name: str, max_pages: int, pdf_library: str,
+           limit: TextLimit) -> list[LoadedDocument]:
+    """The documents of an upload of this kind (in the sandbox when the API calls), within the text limit."""
     if kind == "pdf":
-        args = (data, name, max_pages, pdf_library)
-        title, text, meta = sandbox.run(_load_pdf, args, budget, name) if budget else _load_pdf(*args)
-        return [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta, format="pdf",
+        title, text, meta = _load_pdf(data, name, max_pages, pdf_library, limit)
+        docs = [LoadedDocument(name, title or name_title(name), text, source=name, metadata=meta, format="pdf",
                                warnings=_scan_warnings(name, meta.get("pages_without_text", [])))]
-    if kind in OFFICE:
-        fn = OFFICE[kind]
-        title, markdown = sandbox.run(fn, (data, name), budget, name) if budget else fn(data, name)
-        return [LoadedDocument(name, title or name_title(name), _require_text(_clean(markdown), name),
+    elif kind in OFFICE:
+        title, markdown = OFFICE[kind](data, name, limit.check)
+        limit.check(len(markdown))
+        docs = [LoadedDocument(name, title or name_title(name), _require_text(_clean(markdown), name),
                                source=name, format="markdown")]
-    text = _decode(data, name)
-    if kind == "csv":
-        _, markdown = office.load_csv(text, name)
-        return [LoadedDocument(name, name_title(name), _require_text(_clean(markdown), name), source=name,
+    elif kind == "csv":
+        _, markdown = office.load_csv(_decode(data, name), name, limit.check)
+        limit.check(len(markdown))
+        docs = [LoadedDocument(name, name_title(name), _require_text(_clean(markdown), name), source=name,
                                format="markdown")]
-    if kind == "jsonl":
-        return _load_jsonl(text, name)
-    if kind == "html":
-        title, body = sandbox.run(_load_html, (text,), budget, name) if budget else _load_html(text)
-        return [LoadedDocument(name, title or name_title(name), _require_text(body, name), source=name,
+    elif kind == "jsonl":
+        docs = _load_jsonl(_decode(data, name), name)
+    elif kind == "html":
+        title, body = _load_html(_decode(data, name))
+        docs = [LoadedDocument(name, title or name_title(name), _require_text(body, name), source=name,
                                format="markdown")]
-    body = _require_text(_clean(text), name)
-    title = _markdown_title(body) if kind == "markdown" else None
-    return [LoadedDocument(name, title or name_title(name), body, source=name,
-                           format="markdown" if kind == "markdown" else "text")]
+    else:
+        body = _require_text(_clean(_decode(data, name)), name)
+        title = _markdown_title(body) if kind == "markdown" else None
+        docs = [LoadedDocument(name, title or name_title(name), body, source=name,
+                               format="markdown" if kind == "markdown" else "text")]
+    limit.check(sum(len(doc.text) for doc in docs))
+    return docs
 
 
-def load_json(text: str, title: str | None, metadata: dict[str, Any] | None, external_id: str | None) -> LoadedDocument:
-    """A document sent as a JSON body."""
+def load_json(text: str, title: str | None, metadata: dict[str, Any] | None, external_id: str | None,
+              max_chars: int = MAX_DOCUMENT_CHARS) -> LoadedDocument:
+    """A document sent as a JSON body (the API runs it in the parsing sandbox, as it does every upload)."""
     check_storable({"text": text, "title": title, "metadata": metadata}, "the document")
-    body = _require_text(_clean(text), "text")
+    TextLimit("the document", len(text), max_chars, 1.0).check(len(text))
+    body = _require_text(_clean(text), "the document's text")
     doc = LoadedDocument(
         check_external_id(external_id, "external_id"), title, body, source="api", metadata=metadata or {}
     )

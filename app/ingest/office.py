@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time
 from typing import Any
@@ -26,6 +26,14 @@ from app.errors import AppError, BadInput
 
 # Rows of a sheet or CSV file beyond this are refused (a record per row; the upload limit bounds CSV anyway).
 MAX_ROWS = 1_000_000
+# Each loader is handed a check of the text it has made so far (the loader's TextLimit.check): a package of a
+# hundred kilobytes can inflate to tens of millions of characters, and a CSV of long column names repeats them
+# in every record, so the loaders stop at the block that crosses the limit rather than at the end.
+Check = Callable[[int], None]
+
+
+def _unchecked(chars: int) -> None:
+    """No limit (a caller that bounds the text itself)."""
 
 
 def _cell(value: Any) -> str:
@@ -49,11 +57,12 @@ def _table(rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _records(rows: Iterator[list[str]], what: str) -> list[str]:
+def _records(rows: Iterator[list[str]], what: str, check: Check) -> list[str]:
     """Rows as list items of 'column: value' pairs (empty cells left out); the first non-empty row names the
     columns (a blank name becomes 'column N')."""
     header: list[str] | None = None
     out: list[str] = []
+    chars = 0
     for n, row in enumerate(rows):
         if n >= MAX_ROWS:
             raise BadInput(f"{what} has more than {MAX_ROWS:,} rows")
@@ -65,8 +74,10 @@ def _records(rows: Iterator[list[str]], what: str) -> list[str]:
         names = header + [f"column {i + 1}" for i in range(len(header), len(row))]
         pairs = [f"{names[i]}: {c}" for i, c in enumerate(row) if c]
         out.append("- " + "; ".join(pairs))
-    if header is not None and not out:  # a header alone is still what the sheet says
-        out.append("- columns: " + "; ".join(header))
+        chars += len(out[-1]) + 1
+        check(chars)
+    if header is not None and not out:  # a header alone is still what the sheet says (its named columns)
+        out.append("- columns: " + "; ".join(name for i, name in enumerate(header) if name != f"column {i + 1}"))
     return out
 
 
@@ -84,19 +95,27 @@ def _reading(data: bytes, what: str) -> Iterator[None]:
         raise BadInput(f"{what} is corrupt or unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def load_docx(data: bytes, name: str) -> tuple[str | None, str]:
+def load_docx(data: bytes, name: str, check: Check = _unchecked) -> tuple[str | None, str]:
     from docx import Document
     from docx.table import Table
 
     with _reading(data, f"{name} (DOCX)"):
         doc = Document(io.BytesIO(data))
         blocks: list[str] = []
+        chars = 0
         first_heading = ""
+
+        def add(block: str) -> None:
+            nonlocal chars
+            blocks.append(block)
+            chars += len(block) + 2
+            check(chars)
+
         for item in doc.iter_inner_content():
             if isinstance(item, Table):
                 rows = [[_cell(c.text) for c in row.cells] for row in item.rows]
                 if any(any(r) for r in rows):
-                    blocks.append(_table(rows))
+                    add(_table(rows))
                 continue
             text = _cell(item.text)
             if not text:
@@ -104,12 +123,12 @@ def load_docx(data: bytes, name: str) -> tuple[str | None, str]:
             style = (item.style.name if item.style is not None else "") or ""
             level = 1 if style == "Title" else _heading_level(style)
             if level:
-                blocks.append("#" * level + " " + text)
+                add("#" * level + " " + text)
                 first_heading = first_heading or text
             elif style.startswith("List") or (item._p.pPr is not None and item._p.pPr.numPr is not None):
-                blocks.append("- " + text)
+                add("- " + text)
             else:
-                blocks.append(text)
+                add(text)
         title = _cell(doc.core_properties.title) or first_heading
     return title or None, "\n\n".join(_join_lists(blocks))
 
@@ -133,7 +152,7 @@ def _join_lists(blocks: list[str]) -> list[str]:
     return out
 
 
-def load_pptx(data: bytes, name: str) -> tuple[str | None, str]:
+def load_pptx(data: bytes, name: str, check: Check = _unchecked) -> tuple[str | None, str]:
     from pptx import Presentation
 
     with _reading(data, f"{name} (PPTX)"):
@@ -165,6 +184,7 @@ def load_pptx(data: bytes, name: str) -> tuple[str | None, str]:
                 if notes:
                     blocks.append(f"Speaker notes: {notes}")
             sections.append("\n\n".join(blocks))
+            check(sum(len(section) + 2 for section in sections))
         title = _cell(deck.core_properties.title) or first_title
     return title or None, "\n\n".join(sections)
 
@@ -182,15 +202,20 @@ def _shapes(shapes: Any) -> Iterator[Any]:
     yield from sorted(flat, key=lambda s: ((s.top or 0) // 10_000, s.left or 0))
 
 
-def load_xlsx(data: bytes, name: str) -> tuple[str | None, str]:
+def load_xlsx(data: bytes, name: str, check: Check = _unchecked) -> tuple[str | None, str]:
     from openpyxl import load_workbook
 
     with _reading(data, f"{name} (XLSX)"):
         book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-        sections = []
+        sections: list[str] = []
         for sheet in book.worksheets:
             rows = ([_cell(v) for v in row] for row in sheet.iter_rows(values_only=True))
-            records = _records(_trimmed(rows), f"{name}, sheet {sheet.title!r}")
+            done = sum(len(section) + 2 for section in sections)
+
+            def check_sheet(chars: int, done: int = done) -> None:
+                check(done + chars)
+
+            records = _records(_trimmed(rows), f"{name}, sheet {sheet.title!r}", check_sheet)
             if records:
                 sections.append(f"## {sheet.title}\n\n" + "\n".join(records))
         title = _cell(book.properties.title) if book.properties is not None else ""
@@ -206,7 +231,7 @@ def _trimmed(rows: Iterable[list[str]]) -> Iterator[list[str]]:
         yield row
 
 
-def load_csv(text: str, name: str) -> tuple[str | None, str]:
+def load_csv(text: str, name: str, check: Check = _unchecked) -> tuple[str | None, str]:
     """A CSV (or TSV) file's rows as records; the dialect sniffed from its start, commas when unsure."""
     sample = text[:64_000]
     try:
@@ -215,7 +240,7 @@ def load_csv(text: str, name: str) -> tuple[str | None, str]:
         dialect = csv.excel
     try:
         rows = ([_cell(c) for c in row] for row in csv.reader(io.StringIO(text), dialect))
-        records = _records(_trimmed(rows), name)
+        records = _records(_trimmed(rows), name, check)
     except csv.Error as exc:
         raise BadInput(f"{name} is not valid CSV: {exc}") from None
     return None, "\n".join(records)

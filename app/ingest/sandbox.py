@@ -1,10 +1,13 @@
-"""Parse untrusted files (HTML, PDF, Office packages) in a child process under a memory and a time budget.
+"""Parse untrusted uploads (every format, and documents sent as JSON) in a child process under a memory and a
+time budget.
 
 A parser's memory grows with what a file describes, not with its size: millions of nested tags are
-gigabytes of tree, a few KB of PDF can inflate to gigabytes. Parsed inside the API process, one such upload
-would take the service down for every tenant. Each parse runs in a process forked from a small server
-process (multiprocessing's forkserver, which has the parsers imported already: a fork costs milliseconds,
-and never copies the API's model or threads), with its address space capped (RLIMIT_AS) and a deadline.
+gigabytes of tree, a few KB of PDF can inflate to gigabytes. Its time can grow faster than its size: one
+super-linear pattern on a long line is minutes of CPU. Parsed inside the API process, one such upload
+would take the service down (or hold the interpreter's lock) for every tenant. Each parse runs in a process
+forked from a small server process (multiprocessing's forkserver, which has the parsers imported already: a
+fork costs milliseconds, and never copies the API's model or threads), with its address space capped
+(RLIMIT_AS) and a deadline.
 What exceeds the budget is refused with a 413 that names the setting; the API is untouched.
 """
 
@@ -70,19 +73,19 @@ def _child(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...], memo
     limit = _vm_size() + memory
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        message: tuple[str, Any, Any] = ("ok", fn(*args), None)
+        message: tuple[str, Any, Any, Any] = ("ok", fn(*args), None, None)
     except AppError as exc:
-        message = ("refused", type(exc).__name__, exc.message)
+        message = ("refused", type(exc).__name__, exc.message, exc.detail)
     except MemoryError:
-        message = ("memory", None, None)
+        message = ("memory", None, None, None)
     except RecursionError:
-        message = ("refused", "BadInput", "is nested too deeply to parse")
+        message = ("refused", "BadInput", "is nested too deeply to parse", None)
     except Exception as exc:  # a parser's own failure on a hostile file: the file is at fault
-        message = ("refused", "BadInput", f"cannot be parsed: {type(exc).__name__}: {str(exc)[:300]}")
+        message = ("refused", "BadInput", f"cannot be parsed: {type(exc).__name__}: {str(exc)[:300]}", None)
     try:
         conn.send(message)
     except MemoryError:
-        conn.send(("memory", None, None))
+        conn.send(("memory", None, None, None))
     finally:
         conn.close()
         # At once: tearing down a huge parse tree object by object would cost more than building it.
@@ -104,7 +107,7 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], budget: Budget, what: str
                 raise TooLarge(f"{what} takes longer to parse than the {budget.seconds:g} s budget "
                                f"(PGSAGE_PARSE_SECONDS)")
             try:
-                kind, value, detail = receive.recv()
+                kind, value, message, detail = receive.recv()
             except EOFError:  # the child died without a word: killed for its memory, or crashed
                 raise over_memory from None
         finally:
@@ -116,5 +119,6 @@ def run(fn: Callable[..., Any], args: tuple[Any, ...], budget: Budget, what: str
         return value
     if kind == "memory":
         raise over_memory
-    message = detail if detail.startswith(what) else f"{what} {detail}"
-    raise _ERRORS.get(value, BadInput)(message)
+    if not message.startswith(what):
+        message = f"{what} {message}"
+    raise _ERRORS.get(value, BadInput)(message, detail=detail)

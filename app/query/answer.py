@@ -17,9 +17,19 @@ SYSTEM_PROMPT = (
     "do not contain the answer, say that you don't know. Be brief."
 )
 # A citation marker with the space before it, so a dropped marker leaves no double space.
-_CITATION = re.compile(r"(?P<space>\s?)\[(?P<numbers>\d+(?:\s*[,;]\s*\d+)*)\]")
-# The end of streamed text that more text could still change: trailing space, and a marker not yet closed.
-_OPEN_TAIL = re.compile(r"\s*(?:\[[\d\s,;]*)?\Z")
+# (Possessive: a long list of numbers with no closing bracket is given up on without backtracking.)
+_CITATION = re.compile(r"(?P<space>\s?)\[(?P<numbers>\d++(?:\s*+[,;]\s*+\d++)*+)\]")
+
+
+def _open_tail(text: str) -> int:
+    """Where the end of streamed text that more text could still change begins: trailing space, and a marker not
+    yet closed with the space before it. (A scan from the end; the pattern it replaces, searched, rescanned a run
+    of spaces from each of them.)"""
+    end = len(text.rstrip())
+    bracket = text.rfind("[", 0, end)
+    if bracket >= 0 and all(c.isdecimal() or c.isspace() or c in ",;" for c in text[bracket + 1 : end]):
+        return len(text[:bracket].rstrip())
+    return end
 
 
 @dataclass
@@ -176,8 +186,7 @@ class CitationStream:
     def feed(self, delta: str) -> str:
         """The resolved text that `delta` makes final (often empty)."""
         text = self._held + delta
-        cut = _OPEN_TAIL.search(text)
-        end = cut.start() if cut else len(text)
+        end = _open_tail(text)
         self._held = text[end:]
         return self._give(_resolve_markers(text[:end], self.sources, self.cited))
 

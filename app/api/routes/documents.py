@@ -36,7 +36,7 @@ from app.api.schemas import (
 from app.config import Settings
 from app.db.session import session_scope
 from app.errors import BadInput, NotFound, TooLarge, Unavailable, UnsupportedMedia
-from app.ingest import store
+from app.ingest import sandbox, store
 from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
 from app.ingest.sandbox import Budget
 from app.keys import Principal
@@ -123,8 +123,8 @@ async def _read_request(
         data = await upload.read(limit + 1)
         docs = await run_in_threadpool(
             load_upload, upload.filename, upload.content_type, data, limit, external_id=external_id,
-            budget=Budget(settings.parse_memory_mb, settings.parse_seconds), max_pages=settings.pdf_max_pages,
-            pdf_library=settings.pdf_library,
+            budget=_budget(settings), max_pages=settings.pdf_max_pages, pdf_library=settings.pdf_library,
+            max_chars=settings.max_document_chars, max_ratio=settings.max_expansion_ratio,
         )
         for doc in docs:
             doc.metadata = {**doc.metadata, **extra}
@@ -133,15 +133,29 @@ async def _read_request(
         raw = await request.body()
         if len(raw) > limit:
             raise TooLarge(f"the request is larger than the {limit}-byte upload limit")
-        try:
-            body = DocumentIn.model_validate_json(raw)
-        except ValidationError as exc:
-            malformed = any(e["type"] == "json_invalid" for e in exc.errors())
-            raise BadInput("the request body is malformed JSON" if malformed else "invalid document",
-                           detail=json.loads(exc.json(include_url=False, include_input=False))) from None
+        body = await run_in_threadpool(_document_in, raw)
         check_collection(principal, body.collection, "write")
-        return body.collection, [load_json(body.text, body.title, body.metadata, body.external_id)]
+        # Off the event loop, and within the parse budget like every upload.
+        doc = await run_in_threadpool(
+            sandbox.run, load_json, (body.text, body.title, body.metadata, body.external_id,
+                                     settings.max_document_chars), _budget(settings), "the document",
+        )
+        return body.collection, [doc]
     raise UnsupportedMedia("send multipart/form-data with a 'file' field, or a JSON document")
+
+
+def _budget(settings: Settings) -> Budget:
+    return Budget(settings.parse_memory_mb, settings.parse_seconds)
+
+
+def _document_in(raw: bytes) -> DocumentIn:
+    """The JSON body validated (in a worker thread: it is up to the upload limit)."""
+    try:
+        return DocumentIn.model_validate_json(raw)
+    except ValidationError as exc:
+        malformed = any(e["type"] == "json_invalid" for e in exc.errors())
+        raise BadInput("the request body is malformed JSON" if malformed else "invalid document",
+                       detail=json.loads(exc.json(include_url=False, include_input=False))) from None
 
 
 def _accept(resources: Resources, collection: str, docs: list[LoadedDocument]) -> IngestAccepted:
