@@ -3,14 +3,20 @@
 Every input either loads into documents the chunker can split (spans that index the content, token
 budgets kept) or is refused with a 4xx AppError and a message. Anything else (an uncaught
 exception, a 5xx, an example slower than the deadline) fails the test.
+
+Each property runs twice: derandomized in the default suite (`make test`, CI: the same examples every run, so a
+random draw never blocks a newcomer or a landing), and as a deeper random search under `-m slow`. What a search
+finds is kept below as an explicit regression test.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +28,17 @@ from tests.fixtures.helpers import make_pdf
 
 LIMIT = 1 << 20
 NAMES = ["doc.txt", "doc.md", "doc.html", "doc.pdf", "doc.jsonl", "doc", "doc.bin"]
-FUZZ = settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=5000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+DEEP = settings(FUZZ, max_examples=3000, derandomize=False)
+
+
+def fuzz(**strategies: Any) -> Callable[[Callable[..., None]], tuple[Any, Any]]:
+    """The property as two tests: derandomized for the default suite, and a deeper random search (slow)."""
+
+    def both(prop: Callable[..., None]) -> tuple[Any, Any]:
+        return FUZZ(given(**strategies)(prop)), pytest.mark.slow(DEEP(given(**strategies)(prop)))
+
+    return both
 BASE_PDF = make_pdf(["Fuzzing a PDF loader.", "Second line of text (with parentheses).", "Third line."])
 
 
@@ -63,24 +79,36 @@ def _load_or_refuse(name: str, data: bytes, pdf_library: str = "pypdf") -> list[
     return docs
 
 
-@FUZZ
-@given(name=st.sampled_from(NAMES), data=st.binary(min_size=0, max_size=4096))
-def test_random_bytes(name: str, data: bytes) -> None:
+def _random_bytes(name: str, data: bytes) -> None:
     _load_or_refuse(name, data)
 
 
-@FUZZ
-@given(
-    flips=st.lists(st.tuples(st.integers(0, len(BASE_PDF) - 1), st.integers(0, 255)), max_size=20),
-    cut=st.integers(0, len(BASE_PDF)),
-    junk=st.binary(max_size=200),
-    library=st.sampled_from(PDF_LIBRARIES),
-)
-def test_mutated_pdfs(flips: list[tuple[int, int]], cut: int, junk: bytes, library: str) -> None:
+test_random_bytes, test_random_bytes_deep = fuzz(
+    name=st.sampled_from(NAMES), data=st.binary(min_size=0, max_size=4096))(_random_bytes)
+
+
+def _mutated_pdf(flips: list[tuple[int, int]], cut: int, junk: bytes, library: str) -> None:
     pdf = bytearray(BASE_PDF)
     for pos, value in flips:
         pdf[pos] = value
     _load_or_refuse("doc.pdf", bytes(pdf[:cut]) + junk, library)
+
+
+test_mutated_pdfs, test_mutated_pdfs_deep = fuzz(
+    flips=st.lists(st.tuples(st.integers(0, len(BASE_PDF) - 1), st.integers(0, 255)), max_size=20),
+    cut=st.integers(0, len(BASE_PDF)),
+    junk=st.binary(max_size=200),
+    library=st.sampled_from(PDF_LIBRARIES),
+)(_mutated_pdf)
+
+
+@pytest.mark.parametrize("library", PDF_LIBRARIES)
+def test_a_page_box_holding_a_name_is_a_4xx(library: str) -> None:
+    """A random draw found it (issue 27): pdfplumber raised MalformedPDFException from its `with` block's exit,
+    outside the loader's handling, for a MediaBox of [0 /\x01 0 612 792]; a newcomer's `make test` failed on it."""
+    pdf = BASE_PDF.replace(b"[0 0 612 792]", b"[0 /\x01 0 612 792]")
+    assert pdf != BASE_PDF
+    _load_or_refuse("doc.pdf", pdf, library)
 
 
 HTML_PIECES = st.sampled_from([
@@ -91,10 +119,12 @@ HTML_PIECES = st.sampled_from([
 ])
 
 
-@FUZZ
-@given(parts=st.lists(st.one_of(HTML_PIECES, st.text(max_size=20)), max_size=60))
-def test_tag_soup_html(parts: list[str]) -> None:
+def _tag_soup(parts: list[str]) -> None:
     _load_or_refuse("doc.html", "".join(parts).encode("utf-8", "surrogatepass"))
+
+
+test_tag_soup_html, test_tag_soup_html_deep = fuzz(
+    parts=st.lists(st.one_of(HTML_PIECES, st.text(max_size=20)), max_size=60))(_tag_soup)
 
 
 JSON_VALUES = st.recursive(
@@ -112,11 +142,13 @@ DOC_LINES = st.fixed_dictionaries(
 )
 
 
-@FUZZ
-@given(lines=st.lists(st.one_of(DOC_LINES.map(json.dumps), JSON_VALUES.map(json.dumps), st.text(max_size=40)),
-                      min_size=1, max_size=12))
-def test_malformed_jsonl(lines: list[str]) -> None:
+def _jsonl(lines: list[str]) -> None:
     _load_or_refuse("doc.jsonl", "\n".join(lines).encode("utf-8", "surrogatepass"))
+
+
+test_malformed_jsonl, test_malformed_jsonl_deep = fuzz(
+    lines=st.lists(st.one_of(DOC_LINES.map(json.dumps), JSON_VALUES.map(json.dumps), st.text(max_size=40)),
+                   min_size=1, max_size=12))(_jsonl)
 
 
 def test_deeply_nested_json_is_refused_not_crashed() -> None:
@@ -146,7 +178,8 @@ _odd_text = st.one_of(
 
 
 @given(st.lists(_odd_text, min_size=10, max_size=25))
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+          derandomize=True)
 def test_odd_documents_through_the_worker_end_indexed_or_as_recorded_failures(
     client: Any, worker: Any, texts: list[str]
 ) -> None:

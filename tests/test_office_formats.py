@@ -168,7 +168,7 @@ def _mutated(data: bytes) -> st.SearchStrategy[bytes]:
 def test_fuzzed_office_files_load_or_are_refused_cleanly(name: str, make: Any) -> None:
     original = make()
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
     @given(_mutated(original))
     def check(data: bytes) -> None:
         try:
@@ -183,7 +183,7 @@ def test_fuzzed_office_files_load_or_are_refused_cleanly(name: str, make: Any) -
     check()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.text(alphabet=st.sampled_from(list("ab,;\t|\"\n x1")), max_size=300))
 def test_fuzzed_csv_loads_or_is_refused_cleanly(text: str) -> None:
     try:
