@@ -11,8 +11,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from app.config import get_settings
-from app.ingest.load import MAX_EXTERNAL_ID, MAX_JSON_DEPTH, MAX_TITLE
+from app.ingest.load import MAX_EXTERNAL_ID, MAX_TITLE
 from app.ingest.store import COLLECTION_RULE
+from app.validation import (
+    CONTROLS,
+    MAX_KEY_CHARS,
+    MAX_VALUE_CHARS,
+    SURROGATE,
+    TEXT_CONTROLS,
+    check_metadata,
+    check_text,
+    quoted,
+)
 
 MAX_FILTER_KEYS = 16
 COLLECTION_PATTERN = f"^{COLLECTION_RULE}$"
@@ -40,8 +50,6 @@ class _In(BaseModel):
 # Text fields. Postgres text holds no NUL and no lone surrogate; beyond that, names, ids, titles and keys are
 # one line of printable characters, and free text (a query, a question, a metadata value) may also hold tabs
 # and line breaks. Control characters means Unicode's Cc: U+0000-U+001F and U+007F-U+009F.
-CONTROLS = r"\x00-\x1f\x7f-\x9f"
-TEXT_CONTROLS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"  # Cc but tab, line feed and carriage return
 NO_NUL = r"^[^\x00]*$"
 ONE_LINE = rf"^[^{CONTROLS}]*$"
 TEXT = rf"^[^{TEXT_CONTROLS}]*$"
@@ -50,8 +58,6 @@ NOT_BLANK = r"^[^\x00]*[^\s\x00\x1c-\x1f\x85\ufeff][^\x00]*$"
 TEXT_NOT_BLANK = rf"^[^{TEXT_CONTROLS}]*[^\s{CONTROLS}\ufeff][^{TEXT_CONTROLS}]*$"
 # External ids, key names, model names: printable (no control characters), not blank.
 PRINTABLE_ID = rf"^[^{CONTROLS}]*[^\s{CONTROLS}\ufeff][^{CONTROLS}]*$"
-MAX_KEY_CHARS = 128  # a metadata or filter key
-MAX_VALUE_CHARS = 10_000  # a metadata or filter string value
 MAX_KEY_NAME = 200
 _SCALAR = {"anyOf": [{"type": "string", "maxLength": MAX_VALUE_CHARS, "pattern": TEXT}, {"type": "number"},
                      {"type": "boolean"}, {"type": "null"}]}
@@ -105,63 +111,6 @@ def _schema(pattern: str | None = None, **settings_limits: str) -> Any:
     return extra
 
 
-def check_text(value: Any, what: str, *, limit: int | None = None, one_line: bool = False,
-               blank_ok: bool = False) -> Any:
-    """Raise ValueError, with a message naming the problem, for a string no field of the API takes: a NUL, a lone
-    surrogate, a control character (one-line fields: any; free text: any but tab and line breaks), more than
-    limit characters, or (unless blank_ok) nothing but whitespace. Anything else is returned for pydantic to type."""
-    if not isinstance(value, str):
-        return value
-    if limit is not None and len(value) > limit:
-        raise ValueError(f"{what} is longer than {limit} characters")
-    if "\x00" in value:
-        raise ValueError(f"{what} contains a NUL character (U+0000)")
-    bad = _SURROGATE.search(value)
-    if bad:
-        raise ValueError(f"{what} contains an unpaired surrogate (U+{ord(bad.group()):04X}): it is not valid Unicode")
-    bad = (_CONTROL if one_line else _TEXT_CONTROL).search(value)
-    if bad:
-        allowed = "" if one_line else " other than tab and line breaks"
-        raise ValueError(f"{what} contains a control character{allowed} (U+{ord(bad.group()):04X})")
-    if not blank_ok and not value.strip():
-        raise ValueError(f"{what} is blank")
-    return value
-
-
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-_CONTROL = re.compile(f"[{CONTROLS}]")
-_TEXT_CONTROL = re.compile(f"[{TEXT_CONTROLS}]")
-
-
-def check_metadata(value: Any, what: str) -> None:
-    """Raise ValueError for metadata no filter could name or the database could not store: keys of 1-128 characters
-    on one line, strings of free text up to MAX_VALUE_CHARS, finite numbers, nested at most MAX_JSON_DEPTH."""
-    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
-    while stack:
-        item, where, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"{where[:60]}... is nested more than {MAX_JSON_DEPTH} levels deep")
-        if isinstance(item, str):
-            check_text(item, where, limit=MAX_VALUE_CHARS, blank_ok=True)
-        elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"{where} is {item!r}, not a finite number")
-        elif isinstance(item, dict):
-            for key, sub in item.items():
-                if not isinstance(key, str) or not key:
-                    raise ValueError(f"{where}: a key is empty")
-                shown = _shown(key)
-                check_text(key, f"{where}: the key {shown}", limit=MAX_KEY_CHARS, one_line=True, blank_ok=True)
-                stack.append((sub, f"{where}.{shown}", depth + 1))
-        elif isinstance(item, list):
-            stack.extend((sub, f"{where}[{i}]", depth + 1) for i, sub in enumerate(item))
-
-
-def _shown(key: str) -> str:
-    """A key as a message may quote it: escaped, and cut to 60 characters."""
-    escaped = key.encode("unicode_escape").decode("ascii")
-    return escaped if len(escaped) <= 60 else escaped[:60] + "..."
-
-
 def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -178,7 +127,7 @@ def _check_filters(value: Any) -> Any:
     for key, option in value.items():
         if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
             raise ValueError(f"filter keys are 1-{MAX_KEY_CHARS} characters")
-        shown = _shown(key)
+        shown = quoted(key)
         check_text(key, f"the filter key {shown}", one_line=True, blank_ok=True)
         if isinstance(option, list):
             if not 1 <= len(option) <= 100:
@@ -322,7 +271,7 @@ class DocumentIn(_In):
     @classmethod
     def _text(cls, v: Any) -> Any:
         # Control characters are the text's own business (a form feed separates pages); the database's are not.
-        if isinstance(v, str) and ("\x00" in v or _SURROGATE.search(v)):
+        if isinstance(v, str) and ("\x00" in v or SURROGATE.search(v)):
             check_text(v, "the text")
         return v
 

@@ -20,6 +20,7 @@ from app.errors import AppError, BadInput, TooLarge, UnsupportedMedia
 from app.ingest import office, sandbox
 from app.ingest.chunk import PAGE_BREAK, atx_heading
 from app.ingest.sandbox import Budget
+from app.validation import MAX_JSON_DEPTH, check_metadata, check_text
 
 TEXT_KINDS = {
     ".txt": "text",
@@ -55,7 +56,6 @@ CONTENT_TYPES = {
 OFFICE = {"docx": office.load_docx, "pptx": office.load_pptx, "xlsx": office.load_xlsx}
 MAX_EXTERNAL_ID = 512
 MAX_TITLE = 1000
-MAX_JSON_DEPTH = 100
 MAX_PDF_PAGES = 5000
 # The text one upload may yield (the settings' defaults: PGSAGE_MAX_DOCUMENT_CHARS, PGSAGE_MAX_EXPANSION_RATIO).
 MAX_DOCUMENT_CHARS = 20_000_000
@@ -639,6 +639,11 @@ def _load_jsonl(text: str, name: str) -> list[LoadedDocument]:
         title = obj.get("title")
         if title is not None and not isinstance(title, str):
             raise BadInput(f'{where}: "title" must be a string')
+        try:  # the API's rules for a title and metadata (a title's line breaks and tabs are its own)
+            check_text(" ".join((title or "").split()), f'{where}: "title"', one_line=True, blank_ok=True)
+            check_metadata(obj.get("metadata") or {}, f"{where}: metadata")
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
         docs.append(
             LoadedDocument(
                 ext,

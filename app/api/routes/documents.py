@@ -22,6 +22,7 @@ from app.api.auth import Reader, Writer, check_collection
 from app.api.deps import Resources, ResourcesDep, SessionDep
 from app.api.schemas import (
     COLLECTION_PATTERN,
+    ONE_LINE,
     V1_ERRORS,
     CollectionOut,
     DocumentIn,
@@ -37,10 +38,11 @@ from app.config import Settings
 from app.db.session import session_scope
 from app.errors import BadInput, NotFound, TooLarge, Unavailable, UnsupportedMedia
 from app.ingest import sandbox, store
-from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, check_storable, load_json, load_upload
+from app.ingest.load import MAX_EXTERNAL_ID, LoadedDocument, check_path, load_json, load_upload
 from app.ingest.sandbox import Budget
 from app.keys import Principal
 from app.reindex.plan import configuration_state
+from app.validation import check_metadata
 
 router = APIRouter(prefix="/v1", tags=["documents"], responses=error_responses(*V1_ERRORS, 404))
 log = logging.getLogger(__name__)
@@ -85,7 +87,10 @@ def _json_object(raw: str | None, what: str) -> dict[str, Any]:
         raise BadInput(f"{what} is malformed JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadInput(f"{what} must be a JSON object")
-    check_storable(value, what, "metadata")
+    try:  # the rules of the JSON body's metadata
+        check_metadata(value, f"{what}: metadata")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
     return value
 
 
@@ -258,7 +263,7 @@ def list_documents(
     session: SessionDep,
     collection: CollectionFilter = None,
     status: Annotated[Literal["queued", "indexed", "failed"] | None, Query(description="Only this status.")] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00]*$",
+    q: Annotated[str | None, Query(min_length=1, max_length=200, pattern=ONE_LINE,
                                    description="Part of the title or external id.")] = None,
     limit: PageLimit = 50,
     cursor: Cursor = None,
