@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,6 +122,42 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     )
 
 
+# How `pgsage up` stops its worker: first a warm shutdown, in which a task about to finish does; then Celery's
+# cold shutdown, which terminates the task still running and hands its message back to the broker (Redis or the
+# file-system queue), so a stop takes seconds, not the task's time limit. Tasks are acked late and safe to run
+# twice: the documents the task had not written are processed at the next start.
+WORKER_WARM_SECONDS = 3.0
+# After a cold shutdown the worker has handed its messages back, yet its exit can block: billiard's pool
+# finalizer waits on a queue lock that the pool process it terminated may have held. It is killed then.
+WORKER_COLD_SECONDS = 10.0
+# The API and beat stop at once on SIGTERM (beat saves its schedule first); this bounds them, from the signal.
+STOP_SECONDS = 15.0
+
+
+def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(max(0.0, seconds))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process started in a session of its own, with what it started (a worker's pool processes)."""
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a worker sent SIGTERM (a warm shutdown): a cold shutdown after a short grace, then a kill."""
+    if _exited(proc, WORKER_WARM_SECONDS):
+        return
+    proc.send_signal(signal.SIGQUIT)
+    if not _exited(proc, WORKER_COLD_SECONDS):
+        _kill_tree(proc)
+
+
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -176,6 +212,9 @@ def up(
         # tasks) there is nothing to act on. Production runs the worker as its own user (see the Dockerfile).
         child_env["PYTHONWARNINGS"] = ",".join(filter(None, [child_env.get("PYTHONWARNINGS"),
                                                              "ignore:You're running the worker with superuser"]))
+    # Each in a session of its own: a terminal's Ctrl-C reaches only this supervisor, which stops each process
+    # once and in order (beat, sent the terminal's SIGINT and then this SIGTERM, was seen to hang), and which
+    # can kill a process together with what it started.
     procs = [
         subprocess.Popen(
             _celery_argv(
@@ -184,6 +223,7 @@ def up(
                 quiet=True,
             ),
             env=child_env,
+            start_new_session=True,
         ),
         subprocess.Popen(
             _celery_argv(
@@ -192,6 +232,7 @@ def up(
                 quiet=True,
             ),
             env=child_env,
+            start_new_session=True,
         ),
         subprocess.Popen(
             [
@@ -210,6 +251,7 @@ def up(
                 str(settings.api_keep_alive_seconds),
             ],
             env=child_env,
+            start_new_session=True,
         ),
     ]
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -220,14 +262,14 @@ def up(
         if stopping:
             return
         stopping = True
+        deadline = time.monotonic() + STOP_SECONDS
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_worker(procs[0])  # the Celery worker
+        for p in procs[1:]:
+            if not _exited(p, deadline - time.monotonic()):
+                _kill_tree(p)
         if embedded:
             from app.embedded import stop_embedded_database
 
@@ -235,12 +277,16 @@ def up(
         typer.echo("pgsage stopped")
 
     def on_term(*_: object) -> None:
+        if stopping:
+            return  # a second Ctrl-C: the stop under way takes seconds, and it stops the database too
         stop()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     # Also when started in the background, where a shell leaves SIGINT ignored.
     signal.signal(signal.SIGINT, on_term)
+    # A closed terminal: the processes above are in sessions of their own and would not hear of it.
+    signal.signal(signal.SIGHUP, on_term)
     try:
         plural = "es" if settings.worker_concurrency > 1 else ""
         typer.echo(f"worker:   {settings.worker_concurrency} process{plural} and beat started "

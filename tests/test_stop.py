@@ -78,29 +78,53 @@ class Up:
             assert time.monotonic() < deadline, self.log.read_text()[-4000:]
             time.sleep(1)
 
-    def left(self) -> list[str]:
-        """The live processes of its process group (the supervisor, API, worker and its pool, beat)."""
+    def tree(self) -> set[int]:
+        """The supervisor and every process under it (the API, the worker and its pool, beat)."""
         assert self.proc is not None
-        self.proc.poll()  # reap the supervisor if it has exited
-        return _group(self.proc.pid)
+        children: dict[int, list[int]] = {}
+        for pid, (_state, ppid) in _processes().items():
+            children.setdefault(ppid, []).append(pid)
+        found, todo = set(), [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.add(pid)
+            todo += children.get(pid, [])
+        return found
 
     def kill(self) -> None:
-        """The test's own clean-up, whatever happened: every process of the group."""
-        if self.proc is not None and self.left():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """The test's own clean-up, whatever happened: what is left of its tree, and the embedded Postgres."""
+        if self.proc is None:
+            return
+        for pid in self.tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        postmaster = _postmaster(Path(self.env["PGSAGE_DATA_DIR"]))
+        if postmaster is not None and _alive({postmaster}):
+            os.kill(postmaster, signal.SIGINT)  # its fast shutdown
 
 
-def _group(pgid: int) -> list[str]:
-    left = []
+def _processes() -> dict[int, tuple[str, int]]:
+    """Every process on the machine: its state letter and parent."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, IndexError):
             continue  # gone meanwhile
-        if int(group) == pgid and state != "Z":
-            left.append(f"{stat.parent.name} {cmdline[:160]}")
+        found[int(stat.parent.name)] = (state, int(ppid))
+    return found
+
+
+def _alive(pids: set[int]) -> list[str]:
+    """Those of pids still running (not exited, not a zombie), with their command lines."""
+    states = _processes()
+    left = []
+    for pid in sorted(pids):
+        if pid in states and states[pid][0] != "Z":
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                left.append(f"{pid} {cmdline[:160].decode(errors='replace')}")
     return left
 
 
@@ -155,13 +179,16 @@ def _stop_mid_task_then_restart(tmp_path: Path, env: dict[str, str], stop: Any) 
         assert postmaster is not None
 
         assert first.proc is not None
-        stopped_at = time.monotonic()
+        tree = first.tree() | {postmaster}
+        assert len(tree) >= 6, tree  # supervisor, API, worker and its pool process, beat, Postgres
+        deadline = time.monotonic() + STOP_GUARD_SECONDS
         stop(first.proc)
-        deadline = stopped_at + STOP_GUARD_SECONDS
-        while (first.left() or Path(f"/proc/{postmaster}").exists()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            first.proc.poll()  # reaps the supervisor once it exits
+            if not _alive(tree):
+                break
             time.sleep(0.2)
-        assert not first.left(), (first.left(), log.read_text()[-4000:])
-        assert not Path(f"/proc/{postmaster}").exists(), "the embedded Postgres is still running"
+        assert not _alive(tree), (_alive(tree), log.read_text()[-4000:])
         assert first.proc.returncode == 0, log.read_text()[-4000:]
         assert "pgsage stopped" in log.read_text()
     finally:
