@@ -697,6 +697,7 @@ def _print_reindex(state: dict[str, Any]) -> None:
     typer.echo(
         f"active space: {active['id']} {active['name']} ({active['fingerprint']})" if active else "no active space"
     )
+    _print_rollback_targets(state.get("rollback_targets", []))
     job = state["job"]
     if job is None:
         typer.echo("no re-index has run")
@@ -709,6 +710,14 @@ def _print_reindex(state: dict[str, Any]) -> None:
     )
     if job["error"]:
         typer.echo(f"  {job['error']}")
+
+
+def _print_rollback_targets(targets: list[dict[str, Any]]) -> None:
+    """The space a rollback can reach: only the one retired last has kept receiving writes."""
+    if targets:
+        typer.echo("a rollback reaches: " + ", ".join(f"space {t['id']} {t['name']}" for t in targets))
+    else:
+        typer.echo("a rollback reaches no space (none kept receiving writes)")
 
 
 @app.command()
@@ -738,6 +747,7 @@ def reindex(
         if rollback:
             result = _call(client, "POST", "/v1/admin/reindex/rollback")
             typer.echo(f"rolled back: space {result['from_space']} -> {result['to_space']}")
+            _print_rollback_targets(result["rollback_targets"])
             return
         if revision is not None and model is None:
             raise typer.Exit(_fail("--revision goes with --model"))
