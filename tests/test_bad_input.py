@@ -225,6 +225,13 @@ def _raw(body: bytes, content_type: str) -> Any:
     return _post(content=body, headers={"content-type": content_type})
 
 
+def _multipart_named(filename: bytes) -> Any:
+    """A multipart upload whose file name holds these bytes as they are (clients escape what these tests send)."""
+    body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + filename +
+            b"\"\r\nContent-Type: text/plain\r\n\r\nperfectly good text\r\n--b0undary--\r\n")
+    return _raw(body, "multipart/form-data; boundary=b0undary")
+
+
 REQUEST_CASES = [
     pytest.param(_form({"collection": "bad name!"}), 422, "invalid_input", ("collection names",),
                  id="form-collection-with-space"),
@@ -290,6 +297,13 @@ REQUEST_CASES = [
                  ("metadata", "4300 digits"), id="form-metadata-integer-over-4300-digits"),
     pytest.param(_form({}, name="n" * 6000 + ".txt"), 422, "invalid_input", ("multipart",),
                  id="form-file-name-of-6kb"),
+    # Issue 27: a file name is the external id when no path is sent; a NUL in it reached psycopg (DataError: 500).
+    pytest.param(_multipart_named(b"a\x00b.txt"), 422, "invalid_input", ("file name", "NUL"),
+                 id="form-file-name-with-nul"),
+    pytest.param(_multipart_named(b"a\x1bb.txt"), 422, "invalid_input", ("file name", "control character"),
+                 id="form-file-name-with-escape"),
+    pytest.param(_form({}, name="n" * 600 + ".txt"), 422, "invalid_input", ("file name", "512"),
+                 id="form-file-name-over-the-id-limit"),
     pytest.param(_raw(b"plain text body", "text/plain"), 415, "unsupported_media_type",
                  ("multipart/form-data",), id="content-type-text-plain"),
     pytest.param(_raw(b"<doc>x</doc>", "application/xml"), 415, "unsupported_media_type",
