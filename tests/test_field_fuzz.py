@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ def test_no_text_in_any_field_is_a_5xx(api: TestClient, slot: Slot, value: str) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("slot", SLOTS, ids=str)
-@settings(FUZZ, max_examples=300, derandomize=False)
+@settings(FUZZ, max_examples=300, derandomize=bool(os.environ.get("CI")))  # the same in CI, which gates landing
 @given(value=hostile_text)
 def test_no_text_in_any_field_is_a_5xx_deeper(api: TestClient, slot: Slot, value: str) -> None:
     _assert_not_5xx(_send(api, slot, value), slot, value)
