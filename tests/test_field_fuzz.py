@@ -8,7 +8,8 @@ database and a task queue of its own, so that generated admin calls (a collectio
 model, new keys) cannot touch other tests. The answer is a 2xx or a 4xx in the error shape {"error", "detail"};
 a 5xx, or an exception out of the app, fails.
 
-The default run is derandomized (the same examples every run); `-m slow` searches deeper at random. What a run
+The default run is derandomized (the same examples every run); `-m slow` searches deeper, at random except in CI
+(CI set), where it is derandomized too. What a run
 has found stays here as an @example or a regression test. Multipart uploads are judged by their content
 (tests/test_bad_input.py, tests/test_hostile_input.py) and are not walked here.
 """
