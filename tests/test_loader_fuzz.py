@@ -6,7 +6,8 @@ exception, a 5xx, an example slower than the deadline) fails the test.
 
 Each property runs twice: derandomized in the default suite (`make test`, CI: the same examples every run, so a
 random draw never blocks a newcomer or a landing), and as a deeper random search under `-m slow`. What a search
-finds is kept below as an explicit regression test.
+finds is kept below as an explicit regression test. In CI (CI set) the deeper search is derandomized too: the slow
+suite gates a landing there.
 """
 
 from __future__ import annotations
