@@ -38,16 +38,8 @@ def nested_html(size: int) -> bytes:
     return b"<html><body>" + b"<div><span>" * (size // 11) + b"deep"
 
 
-def pdf_bomb(expanded: int) -> bytes:
-    """A valid one-page PDF whose content stream is zeros compressed twice (FlateDecode over FlateDecode):
-    a few KB that expand to `expanded` bytes."""
-    stream = zlib.compress(zlib.compress(b"\0" * expanded, 9), 9)
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
-        b"<< /Length %d /Filter [/FlateDecode /FlateDecode] >>\nstream\n" % len(stream) + stream + b"\nendstream",
-    ]
+def pdf_file(objects: list[bytes]) -> bytes:
+    """A PDF of these objects (numbered from 1, the first the catalogue) with its cross-reference table."""
     out = b"%PDF-1.7\n"
     offsets = []
     for i, body in enumerate(objects, 1):
@@ -58,6 +50,19 @@ def pdf_bomb(expanded: int) -> bytes:
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return out
+
+
+def pdf_bomb(expanded: int) -> bytes:
+    """A valid one-page PDF whose content stream is zeros compressed twice (FlateDecode over FlateDecode):
+    a few KB that expand to `expanded` bytes."""
+    stream = zlib.compress(zlib.compress(b"\0" * expanded, 9), 9)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R >>",
+        b"<< /Length %d /Filter [/FlateDecode /FlateDecode] >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    return pdf_file(objects)
 
 
 @pytest.fixture(scope="module")
@@ -183,16 +188,7 @@ def pdf_text_bomb(pages: int = 20) -> bytes:
         objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 14400 14400] /Contents {5 + 2 * i} 0 R "
                        "/Resources << /Font << /F1 3 0 R >> >> >>".encode())
         objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
-    out = b"%PDF-1.7\n"
-    offsets = []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return out
+    return pdf_file(objects)
 
 
 def test_expansion_bombs_are_refused_naming_the_limit_and_never_queued(api: tuple[ApiProcess, str]) -> None:
