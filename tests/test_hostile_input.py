@@ -175,6 +175,7 @@ def _adversarial(n: int) -> dict[str, str]:
         "commas": "," * n,
         "quotes": '"' * n,
         "long-header-csv": "h" * 5000 + "\n" + "1\n" * (n // 2),
+        "open-csv-quotes": ',"a' * (n // 3),
     }
 
 
