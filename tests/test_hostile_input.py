@@ -165,6 +165,8 @@ def _adversarial(n: int) -> dict[str, str]:
         "unclosed-tags": "<div>" * (n // 5),
         "nested-lists": "<ul><li>" * (n // 8),
         "angles": "<" * n,
+        "open-start-tags": "<p>x</p>" + "<a" * (n // 2),
+        "open-end-tags": "<p>x</p>" + "</" * (n // 2),
         "long-line": "a" * n,
         "one-line-of-words": "word " * (n // 5),
         "hyphens": "a-" * (n // 2),
