@@ -16,19 +16,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.embedding import EmbedderPool, chunker_key
-from app.ingest import store
-from app.ingest.load import LoadedDocument
 from app.ingest.pipeline import IngestPipeline
 from app.main import create_app
 from app.reindex import spaces
 from app.reindex.pipeline import ReindexPipeline
 from app.reindex.plan import plan
-from tests.fixtures.helpers import as_admin
+from tests.fixtures.helpers import as_admin, ingest_texts
 from tests.fixtures.services import migrate, scratch_database
 
 HARBOUR = """# Harbours
@@ -48,15 +45,6 @@ def database(database_url: str) -> Iterator[str]:
     with scratch_database(server) as url:
         migrate(url)
         yield url
-
-
-def _ingest(pipeline: IngestPipeline, factory: sessionmaker[Session], texts: dict[str, str]) -> None:
-    with session_scope(factory) as session:
-        cid = store.collection_id(session, "lights", create=True)
-        job = store.create_job(session, "ingest", cid, {})
-        docs = [LoadedDocument(name, None, body, format="markdown") for name, body in texts.items()]
-        queued = store.upsert_documents(session, cid, docs, job).queued
-    assert pipeline.process(job, queued).indexed == len(texts)
 
 
 def _unvectored(engine: Engine, space: int) -> list[str]:
@@ -84,7 +72,7 @@ def test_two_rollbacks_never_reach_a_space_that_missed_writes(database: str, set
         ingest = IngestPipeline(factory, pool)
         with session_scope(factory) as session:
             a = spaces.ensure_active(session, pool.configured.spec).id
-        _ingest(ingest, factory, {"harbour.md": HARBOUR})
+        ingest_texts(ingest, factory, {"harbour.md": HARBOUR})
         built = [a]
         for pooling in ("max", "cls"):  # A -> B -> C
             with session_scope(factory) as session:
@@ -94,7 +82,7 @@ def test_two_rollbacks_never_reach_a_space_that_missed_writes(database: str, set
             built.append(_active(engine))
         a, b, c = built
         # Written after the second switch: to C, and to B (the space a rollback would restore), not to A.
-        _ingest(ingest, factory, {"lighthouse.md": LATE})
+        ingest_texts(ingest, factory, {"lighthouse.md": LATE})
 
         with TestClient(create_app(local)) as client:
             as_admin(client)

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import make_engine, make_sessionmaker, session_scope
@@ -37,6 +36,7 @@ from app.reindex import spaces
 from app.reindex.pipeline import ReindexPipeline
 from app.reindex.plan import plan
 from app.reindex.switch import retire_expired, rollback
+from tests.fixtures.helpers import ingest_texts
 from tests.fixtures.services import migrate, scratch_database
 
 HARBOUR = """# Harbours
@@ -126,15 +126,6 @@ def test_a_write_held_up_by_a_reindex_opening_writes_its_space_too(engine: Engin
         assert same is False
 
 
-def _ingest(pipeline: IngestPipeline, factory: sessionmaker[Session], texts: dict[str, str]) -> None:
-    with session_scope(factory) as session:
-        cid = store.collection_id(session, "lights", create=True)
-        job = store.create_job(session, "ingest", cid, {})
-        docs = [LoadedDocument(name, None, body, format="markdown") for name, body in texts.items()]
-        queued = store.upsert_documents(session, cid, docs, job).queued
-    assert pipeline.process(job, queued).indexed == len(texts)
-
-
 def _blocked(engine: Engine, statement: str) -> bool:
     with engine.connect() as conn:
         return bool(conn.execute(text(
@@ -147,7 +138,7 @@ def test_retirement_blocks_no_query_and_loses_to_a_rollback(engine: Engine, sett
     pool = EmbedderPool(settings)
     with session_scope(factory) as session:
         old = spaces.ensure_active(session, pool.configured.spec).id
-    _ingest(IngestPipeline(factory, pool), factory, {"lighthouse.md": TEXT, "harbour.md": HARBOUR})
+    ingest_texts(IngestPipeline(factory, pool), factory, {"lighthouse.md": TEXT, "harbour.md": HARBOUR})
     with session_scope(factory) as session:
         opened = plan(session, dataclasses.replace(pool.configured.spec, pooling="max"))
     assert opened.job_id is not None
